@@ -1,0 +1,11 @@
+"""detr_sparse: DETR-family detectors and their token-sparse variants."""
+
+
+def build_model(model_cfg, num_classes: int):
+    """The detector named by `model_cfg.name`, for `num_classes` object classes."""
+    from .detr import build_detr
+
+    builders = {"detr": build_detr}
+    if model_cfg.name not in builders:
+        raise ValueError(f"model.name: unknown model '{model_cfg.name}' (known: {sorted(builders)})")
+    return builders[model_cfg.name](model_cfg, num_classes)

@@ -1,0 +1,82 @@
+"""torchvision ResNet as a detection backbone: named multi-scale maps with their channels
+and strides, detectron2-style (`res2` .. `res5`)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+_STAGES = ["layer1", "layer2", "layer3", "layer4"]
+_NAMES = ["res2", "res3", "res4", "res5"]
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"model.backbone.norm: unknown norm '{norm}' (frozen_bn | bn | gn)")
+
+
+class ResNetBackbone(nn.Module):
+    """forward(x: (B, 3, H, W)) -> OrderedDict of the requested maps, e.g. {"res5": (B, 2048, H/32, W/32)}.
+
+    `dilation` (DC5) replaces the stride of the last stage by dilation: res5 has stride 16.
+    The stem and res2 are frozen, as in DETR, unless the norm is trainable (training from scratch).
+    """
+
+    def __init__(self, name: str = "resnet50", norm: str = "frozen_bn", dilation: bool = False,
+                 out_features: tuple[str, ...] = ("res5",), pretrained: str = "",
+                 channels_last: bool = True):
+        super().__init__()
+        if not hasattr(torchvision.models, name) or not name.startswith("resnet"):
+            raise ValueError(f"model.backbone.name: '{name}' is not a torchvision ResNet")
+        net = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=_norm_layer(norm))
+        if pretrained:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing:
+                raise ValueError(f"{pretrained}: missing backbone weights {missing[:8]}")
+        unknown = set(out_features) - set(_NAMES)
+        if unknown:
+            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        last = max(_NAMES.index(n) for n in out_features)
+        self.stages = nn.ModuleDict({_NAMES[i]: getattr(net, _STAGES[i]) for i in range(last + 1)})
+        self.out_features = tuple(out_features)
+        widths = [net.layer1[-1], net.layer2[-1], net.layer3[-1], net.layer4[-1]]
+        channels = [_block_out_channels(b) for b in widths]
+        strides = [4, 8, 16, 16 if dilation else 32]
+        self.channels = {n: channels[_NAMES.index(n)] for n in out_features}
+        self.strides = {n: strides[_NAMES.index(n)] for n in out_features}
+        self.channels_last = channels_last
+        if norm == "frozen_bn":
+            for p in list(self.stem.parameters()) + list(self.stages["res2"].parameters()):
+                p.requires_grad_(False)
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        out = OrderedDict()
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in self.out_features:
+                out[name] = x.contiguous()
+        return out
+
+
+def _block_out_channels(block: nn.Module) -> int:
+    last_bn = getattr(block, "bn3", None) or block.bn2
+    return last_bn.num_features if hasattr(last_bn, "num_features") else last_bn.weight.numel()

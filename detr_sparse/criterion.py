@@ -1,0 +1,80 @@
+"""DETR's set criterion: Hungarian matching, then class + L1 + GIoU losses on the matched
+pairs, for the final decoder layer and every auxiliary output. Returns the losses already
+weighted (the engine sums every key starting with "loss"); other keys are statistics."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from .matcher import HungarianMatcher
+
+
+def num_boxes_across_ranks(targets: list[dict], device) -> float:
+    """Average count of target boxes per rank, so every rank normalises its loss alike."""
+    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(n.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """outputs: pred_logits (B, Q, K+1) with the no-object class last, pred_boxes (B, Q, 4)
+    normalised cxcywh, optional aux_outputs (list of the same for earlier decoder layers).
+    targets: labels (N,) in [0, K), boxes (N, 4) normalised cxcywh."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_weight: float = 1.0,
+                 bbox_weight: float = 5.0, giou_weight: float = 2.0, eos_coef: float = 0.1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weights = {"loss_ce": cls_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def loss_labels(self, logits: Tensor, targets, indices) -> dict[str, Tensor]:
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=logits.device)
+        batch_idx, query_idx = _flat_indices(indices)
+        matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes[batch_idx, query_idx] = matched
+        loss = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
+        out = {"loss_ce": loss}
+        if matched.numel():
+            acc = (logits[batch_idx, query_idx].argmax(-1) == matched).float().mean()
+            out["class_error"] = (100 - 100 * acc).detach()
+        return out
+
+    def loss_boxes(self, boxes: Tensor, targets, indices, num_boxes: float) -> dict[str, Tensor]:
+        batch_idx, query_idx = _flat_indices(indices)
+        src = boxes[batch_idx, query_idx].float()
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        # torchvision's GIoU loss has an eps, so zero-area predictions give a finite loss
+        giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
+                                        box_convert(tgt, "cxcywh", "xyxy"), reduction="sum")
+        return {"loss_bbox": l1, "loss_giou": giou / num_boxes}
+
+    def single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
+        indices = self.matcher(outputs, targets)
+        losses = self.loss_labels(outputs["pred_logits"], targets, indices)
+        losses.update(self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes))
+        return {k: v * self.weights[k] if k in self.weights else v for k, v in losses.items()}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        num_boxes = num_boxes_across_ranks(targets, outputs["pred_logits"].device)
+        losses = {}
+        for i, out in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self.single(out, targets, num_boxes).items()})
+        losses.update(self.single(outputs, targets, num_boxes))
+        return losses
+
+
+def _flat_indices(indices) -> tuple[Tensor, Tensor]:
+    batch = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+    query = torch.cat([q for q, _ in indices])
+    return batch, query

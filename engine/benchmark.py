@@ -1,0 +1,116 @@
+"""FLOPs by model part, latency and peak memory of one forward pass.
+
+GFLOPs follow the detection literature (DETR, Deformable DETR, fvcore): one multiply-add
+counts as one operation. torch's FlopCounterMode counts two, so its totals are halved here."""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _register_cpu_attention_flops() -> None:
+    """The CPU flash-attention kernel behind scaled_dot_product_attention has no formula
+    in torch's counter; without one the attention matmuls of every transformer vanish."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu
+    if op in torch.utils.flop_counter.flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_attention_flops()
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, inputs, parts: dict[str, str] | None = None):
+    """Run model(inputs) once under the counter. Returns (total GFLOPs, {part: GFLOPs}) where
+    parts maps a part name to a module-name prefix; the remainder is reported as "other"."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(inputs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    total = counter.get_total_flops() / 2e9
+    by_part = {}
+    for part, prefix in (parts or {}).items():
+        by_part[part] = _module_flops(counts, f"{root}.{prefix}") / 2e9
+    if by_part:
+        by_part["other"] = total - sum(by_part.values())
+    return total, by_part
+
+
+def _module_flops(counts: dict, name: str) -> int:
+    """FLOPs under module `name`; a container that is never called itself (ModuleList) is
+    the sum of its direct children."""
+    if name in counts:
+        return sum(counts[name].values())
+    depth = name.count(".") + 1
+    return sum(sum(c.values()) for key, c in counts.items()
+               if key.startswith(name + ".") and key.count(".") == depth)
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, inputs, runs: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of model(inputs) after `warmup` untimed runs."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        model(inputs)
+    times = []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        model(inputs)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+try:
+    import os
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):
+    _PAGE = 4096
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose "mb" is, on exit, the peak memory above the level at entry:
+    allocator statistics on CUDA, resident set size sampled every 2 ms on the CPU."""
+    result = {"mb": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        result["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["mb"] = (max(peak[0], _rss_bytes()) - base) / 2**20
