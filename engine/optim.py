@@ -1,0 +1,37 @@
+"""Optimizer and schedule: AdamW with a backbone learning rate (0 freezes it) and optional
+per-name multipliers, a step schedule over epochs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: float,
+                 lr_multipliers: dict[str, float] | None = None) -> list[dict]:
+    """One group per distinct learning rate. A parameter whose name contains a key of
+    `lr_multipliers` (e.g. "sampling_offsets": 0.1) gets lr * that factor."""
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            if backbone_lr <= 0:
+                p.requires_grad_(False)
+                continue
+            p_lr = backbone_lr
+        else:
+            p_lr = lr
+            for key, factor in (lr_multipliers or {}).items():
+                if key in name:
+                    p_lr = lr * factor
+        groups.setdefault(p_lr, []).append(p)
+    return [{"params": ps, "lr": g_lr, "weight_decay": weight_decay} for g_lr, ps in groups.items()]
+
+
+def build_optimizer(model: nn.Module, train_cfg, backbone_lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, train_cfg.lr, backbone_lr, train_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def build_scheduler(optimizer, train_cfg):
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(train_cfg.lr_drops), gamma=0.1)

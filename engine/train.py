@@ -1,0 +1,114 @@
+"""One training epoch and one evaluation pass; the loop around them is in engine/trainer.py."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .distributed import reduce_mean
+
+log = logging.getLogger("detr_sparse.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch to run next
+    iteration: int = 0  # optimizer steps done so far
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 on CPU or CUDA, fp16 on CUDA only; "none" runs in fp32."""
+    if amp == "none":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise ValueError(f"train.amp: unknown mode '{amp}' (none | bf16 | fp16)")
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("train.amp: fp16 needs CUDA; use bf16 on the CPU")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def progress(iterable, desc: str, enabled: bool):
+    # in a log file (CI, SLURM) a redraw every few seconds would flood it
+    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainState, run_logger,
+                    device, show_progress: bool = True) -> dict[str, float]:
+    """Runs until the loader ends or train_cfg.max_iters steps are done. Returns the mean of
+    every logged value over the epoch. Raises NonFiniteLossError, naming the iteration and
+    the loss terms, before the optimizer applies a non-finite loss."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    tic = time.perf_counter()
+    for images, targets in progress(loader, f"epoch {state.epoch}", show_progress):
+        if train_cfg.max_iters and state.iteration >= train_cfg.max_iters:
+            break
+        images, targets = to_device(images, targets, device)
+        with autocast(device, train_cfg.amp):
+            outputs = model(images, targets)
+        loss = sum(v for k, v in outputs.items() if k.startswith("loss"))
+        # one collective gives every rank the same values, so all stop together on a bad loss
+        stats = reduce_mean({**outputs, "loss": loss})
+        if not math.isfinite(stats["loss"]):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
+            raise NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration "
+                                     f"{state.iteration}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if train_cfg.clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), train_cfg.clip_max_norm))
+        scaler.step(optimizer)
+        scaler.update()
+        state.iteration += 1
+        steps += 1
+        toc = time.perf_counter()
+        stats["iter_time"], tic = toc - tic, toc
+        stats["lr"] = optimizer.param_groups[0]["lr"]
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if state.iteration % train_cfg.log_every == 0:
+            run_logger.scalars("train", stats, state.iteration, epoch=state.epoch)
+            log.info("epoch %d iter %d loss %.4f (%.2fs/it)", state.epoch, state.iteration,
+                     stats["loss"], stats["iter_time"])
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, evaluator, device, amp: str = "none", show_progress: bool = True,
+             on_batch=None) -> dict:
+    """COCO evaluation over `loader`; `on_batch(images, targets, predictions)` sees every batch
+    (visualisation). Returns evaluator.summarize() (the same on every rank)."""
+    model.eval()
+    for images, targets in progress(loader, "eval", show_progress):
+        images, targets = to_device(images, targets, device)
+        with autocast(device, amp):
+            predictions = model(images)
+        predictions = [{k: v.float().cpu() for k, v in p.items()} for p in predictions]
+        targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        evaluator.update(predictions, targets)
+        if on_batch is not None:
+            on_batch(images, targets, predictions)
+    evaluator.gather()
+    return evaluator.summarize()

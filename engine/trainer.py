@@ -1,0 +1,166 @@
+"""From a resolved config to a trained and evaluated model: data, model, optimizer,
+resume, the epoch loop, checkpoints, evaluation and logging."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datasets import build_dataset, collate_fn
+from datasets.coco_eval import CocoEvaluator
+from detr_sparse import build_model
+
+from . import checkpoint as ckpt
+from .config import save_config, to_dict
+from .distributed import DistInfo, all_gather_objects, barrier
+from .logger import RunLogger
+from .optim import build_optimizer, build_scheduler
+from .train import TrainState, evaluate, train_one_epoch
+from .visualize import denormalize, draw_detections
+
+log = logging.getLogger("detr_sparse.trainer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
+    """Generate the synthetic dataset on rank 0 when the config asks for it and it is missing."""
+    syn = data_cfg.synthetic
+    if not syn.generate or (Path(data_cfg.root) / "meta.json").is_file():
+        return
+    if dist.is_main:
+        from datasets.synthetic import generate
+
+        log.info("generating synthetic data in %s", data_cfg.root)
+        generate(data_cfg.root, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+                 min_size=syn.min_size, max_size=syn.max_size, max_objects=syn.max_objects,
+                 sparse=syn.sparse)
+    barrier()
+
+
+def make_loader(dataset, batch_size: int, train: bool, num_workers: int, seed: int, dist: DistInfo):
+    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=train, seed=seed,
+                                 drop_last=train)
+    # the loader's own generator keeps worker seeding off the global RNG, so evaluation
+    # between epochs cannot change what training draws next (exact resume)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      num_workers=num_workers, collate_fn=collate_fn,
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=dist.device.type == "cuda")
+
+
+class Trainer:
+    def __init__(self, cfg, dist: DistInfo, eval_only: bool = False):
+        self.cfg, self.dist = cfg, dist
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.train.seed + dist.rank)
+        ensure_synthetic_data(cfg.data, dist)
+        self.val_set = build_dataset(cfg.data, "val")
+        self.train_set = None if eval_only else build_dataset(cfg.data, "train")
+        num_classes = cfg.model.num_classes or (self.train_set or self.val_set).num_classes
+        self.class_names = list(self.val_set.cat_names)
+        self.model = build_model(cfg.model, num_classes).to(dist.device)
+        self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        fp16 = cfg.train.amp == "fp16" and dist.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
+        self.state = TrainState()
+        self.ddp = self.model
+        if dist.world_size > 1 and not eval_only:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        self.val_loader = make_loader(self.val_set, cfg.eval.batch_size, False,
+                                      cfg.data.num_workers, cfg.train.seed, dist)
+        if self.train_set is not None:
+            self.train_loader = make_loader(self.train_set, cfg.train.batch_size, True,
+                                            cfg.data.num_workers, cfg.train.seed, dist)
+        self.run_logger = RunLogger(self.out, dist.is_main)
+        if dist.is_main:
+            save_config(cfg, self.out / "config.yaml")
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.state.epoch, "iteration": self.state.iteration,
+                "config": to_dict(self.cfg), "rng": all_gather_objects(ckpt.rng_state())}
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank joins the RNG gather
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(state, self.out / ckpt.LAST)
+            save_config(self.cfg, self.out / "config.yaml")
+            log.info("saved %s (epoch %d, iteration %d)", path, self.state.epoch, self.state.iteration)
+        barrier()
+
+    def resume(self, path: str | Path, weights_only: bool = False) -> None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.load_model_state(self.model, state["model"], str(path))
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(state["epoch"], state["iteration"])
+        rngs = state.get("rng", [])
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("%s: saved with %d processes, running with %d: RNG states not restored",
+                        path, len(rngs), self.dist.world_size)
+        log.info("resumed from %s at epoch %d, iteration %d", path, self.state.epoch, self.state.iteration)
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.cat_ids, ("bbox",))
+        shown = []
+
+        def show(images, targets, predictions):
+            for img, tgt, pred in zip(images.tensors, targets, predictions):
+                if len(shown) < self.cfg.eval.num_vis_images:
+                    h, w = tgt["size"].tolist()
+                    shown.append(draw_detections(denormalize(img[:, :h, :w].cpu()), pred,
+                                                 self.class_names, self.cfg.eval.vis_score_threshold, tgt))
+
+        stats = evaluate(self.model, self.val_loader, evaluator, self.dist.device,
+                         self.cfg.train.amp, self.dist.is_main, show if self.dist.is_main else None)
+        flat = {f"{iou}_{k}": v for iou, d in stats.items() for k, v in d.items()}
+        self.run_logger.scalars("val", flat, self.state.iteration, epoch=self.state.epoch)
+        for i, image in enumerate(shown):
+            self.run_logger.image(f"val/prediction_{i}", image, self.state.iteration)
+        log.info("eval at epoch %d: %s", self.state.epoch, json.dumps(stats))
+        return stats
+
+    # ----------------------------------------------------------------- training
+    def train(self) -> dict:
+        cfg = self.cfg.train
+        stats = {}
+        while self.state.epoch < cfg.epochs:
+            if cfg.max_iters and self.state.iteration >= cfg.max_iters:
+                break
+            self.train_loader.sampler.set_epoch(self.state.epoch)
+            self.train_set.set_epoch(self.state.epoch)
+            means = train_one_epoch(self.ddp, self.train_loader, self.optimizer, self.scaler, cfg,
+                                    self.state, self.run_logger, self.dist.device, self.dist.is_main)
+            self.run_logger.scalars("train_epoch", means, self.state.iteration, epoch=self.state.epoch)
+            self.scheduler.step()
+            self.state.epoch += 1
+            last = self.state.epoch >= cfg.epochs or (cfg.max_iters and self.state.iteration >= cfg.max_iters)
+            if last or self.state.epoch % cfg.checkpoint_every == 0:
+                self.save()
+            if last or self.state.epoch % cfg.eval_every == 0:
+                stats = self.evaluate()
+        return stats
+
+    def close(self) -> None:
+        self.run_logger.close()

@@ -1,0 +1,73 @@
+import torch
+
+from detr_sparse.criterion import SetCriterion
+from detr_sparse.matcher import HungarianMatcher
+
+
+def _criterion(k=3):
+    return SetCriterion(k, HungarianMatcher(), cls_weight=1, bbox_weight=5, giou_weight=2, eos_coef=0.1)
+
+
+def _outputs(bs=2, nq=4, k=3, aux=0):
+    out = {"pred_logits": torch.randn(bs, nq, k + 1, requires_grad=True),
+           "pred_boxes": torch.rand(bs, nq, 4).mul(0.3).add(0.3).requires_grad_()}
+    out["aux_outputs"] = [{"pred_logits": torch.randn(bs, nq, k + 1), "pred_boxes": torch.rand(bs, nq, 4)}
+                          for _ in range(aux)]
+    return out
+
+
+def test_perfect_boxes_have_zero_box_losses():
+    crit = _criterion()
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])
+    logits = torch.full((1, 2, 4), -10.0)
+    logits[0, 0, 1] = logits[0, 1, 2] = 10.0
+    losses = crit({"pred_logits": logits, "pred_boxes": boxes[None]},
+                  [{"labels": torch.tensor([1, 2]), "boxes": boxes}])
+    assert losses["loss_bbox"].item() < 1e-6 and losses["loss_giou"].item() < 1e-5
+    assert losses["loss_ce"].item() < 1e-3 and losses["class_error"].item() == 0
+
+
+def test_losses_are_weighted_and_aux_keys_present():
+    torch.manual_seed(0)
+    crit = _criterion()
+    out = _outputs(aux=2)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.4, 0.2, 0.2]])},
+               {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.4, 0.6, 0.1, 0.1]])}]
+    losses = crit(out, targets)
+    assert {"loss_ce_0", "loss_bbox_1", "loss_giou_1", "loss_ce", "loss_bbox", "loss_giou"} <= set(losses)
+    unweighted = SetCriterion(3, HungarianMatcher(), 1, 1, 1, 0.1)(out, targets)
+    assert torch.allclose(losses["loss_bbox"], 5 * unweighted["loss_bbox"])
+    assert torch.allclose(losses["loss_giou"], 2 * unweighted["loss_giou"])
+
+
+def test_empty_targets_give_only_no_object_loss():
+    crit = _criterion()
+    out = _outputs()
+    losses = crit(out, [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+    assert torch.isfinite(losses["loss_ce"])
+    losses["loss_ce"].backward()
+
+
+def test_zero_area_predictions_give_finite_losses_and_gradients():
+    crit = _criterion()
+    boxes = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.0, 0.1]]], requires_grad=True)
+    losses = crit({"pred_logits": torch.randn(1, 2, 4), "pred_boxes": boxes},
+                  [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.3, 0.3, 0.1, 0.1]])}])
+    total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    assert torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(boxes.grad).all()
+
+
+def test_no_object_weight_applies():
+    out = _outputs(bs=1)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    low = SetCriterion(3, HungarianMatcher(), eos_coef=0.1)(out, empty)["loss_ce"]
+    high = SetCriterion(3, HungarianMatcher(), eos_coef=1.0)(out, empty)["loss_ce"]
+    # with only no-object targets the weighted mean does not depend on the weight
+    assert torch.allclose(low, high)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    low = SetCriterion(3, HungarianMatcher(), eos_coef=0.1)(out, targets)["loss_ce"]
+    high = SetCriterion(3, HungarianMatcher(), eos_coef=1.0)(out, targets)["loss_ce"]
+    assert not torch.allclose(low, high)
