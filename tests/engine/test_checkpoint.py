@@ -1,0 +1,56 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+
+
+def test_atomic_save_and_load(tmp_path):
+    path = tmp_path / "c.pth"
+    ckpt.save_checkpoint({"a": torch.arange(3)}, path)
+    ckpt.save_checkpoint({"a": torch.arange(4)}, path)
+    assert torch.equal(ckpt.load_checkpoint(path)["a"], torch.arange(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary left behind
+
+
+def test_failed_save_keeps_previous_file(tmp_path):
+    path = tmp_path / "c.pth"
+    ckpt.save_checkpoint({"a": torch.arange(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.save_checkpoint({"a": Unpicklable()}, path)
+    assert torch.equal(ckpt.load_checkpoint(path)["a"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_missing_and_truncated_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        ckpt.load_checkpoint(tmp_path / "nothere.pth")
+    path = tmp_path / "t.pth"
+    ckpt.save_checkpoint({"w": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(RuntimeError, match="t.pth.*truncated"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trip(tmp_path):
+    state = ckpt.rng_state()
+    ckpt.save_checkpoint({"rng": state}, tmp_path / "r.pth")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "r.pth")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]
+
+
+def test_load_model_state_names_keys():
+    model = torch.nn.Linear(2, 2)
+    state = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match=r"missing keys \['bias'\].*unexpected keys \['extra'\]"):
+        ckpt.load_model_state(model, state, "x.pth")

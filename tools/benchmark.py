@@ -1,0 +1,97 @@
+"""GFLOPs (by model part), median latency and peak memory of a forward pass.
+
+    python tools/benchmark.py --config configs/detr_r50.yaml configs/detr_r50_dc5.yaml \
+        --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--json] [--opts k=v ...]
+
+With several configs, ratios against the first one are printed too (same process, same input).
+GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detr_sparse import build_model  # noqa: E402
+from detr_sparse.image_batch import ImageBatch  # noqa: E402
+from engine.benchmark import count_flops, measure_latency, peak_memory  # noqa: E402
+from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+
+
+def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBatch:
+    """A real image resized to `size` (normalised as in training), or random pixels."""
+    if image:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+
+        from engine.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+        pixels = F.pil_to_tensor(Image.open(image).convert("RGB"))
+        pixels = F.resize(pixels, list(size), antialias=True).float() / 255
+        pixels = F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        pixels = torch.randn(3, *size, generator=torch.Generator().manual_seed(0))
+    return ImageBatch.from_images([pixels] * batch).to(device)
+
+
+def measure(cfg_path: str, args) -> dict:
+    cfg = load_config(cfg_path, args.opts)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.model.num_classes or args.num_classes).to(device).eval()
+    if args.checkpoint:
+        load_model_state(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint)
+    inputs = make_input(tuple(args.size), args.batch, args.image, device)
+    gflops, by_part = count_flops(model, inputs, getattr(model, "parts", None))
+    with peak_memory(device) as mem:
+        latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
+    return {"config": cfg_path, "size": list(args.size), "batch": args.batch,
+            "gflops": round(gflops, 3), "gflops_by_part": {k: round(v, 3) for k, v in by_part.items()},
+            "latency_s": round(latency, 4), "peak_mem_mb": round(mem["mb"], 1),
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def print_table(rows: list[dict]) -> None:
+    parts = sorted({p for r in rows for p in r["gflops_by_part"]})
+    head = ["config", "GFLOPs", *parts, "latency s", "peak MB", "x GFLOPs", "x latency"]
+    print(" | ".join(head))
+    base = rows[0]
+    for r in rows:
+        cells = [Path(r["config"]).stem, f"{r['gflops']:.1f}",
+                 *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
+                 f"{r['latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
+                 f"{r['gflops'] / base['gflops']:.3f}", f"{r['latency_s'] / base['latency_s']:.3f}"]
+        print(" | ".join(cells))
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", required=True)
+    p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--image", default="", help="a real image instead of random input")
+    p.add_argument("--checkpoint", default="", help="weights to load (matter for sparse models)")
+    p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(c, args) for c in args.config]
+    print_table(rows)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
