@@ -122,7 +122,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.cat_ids, ("bbox",))
+        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))
         shown = []
 
         def show(images, targets, predictions):

@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 from torchvision.utils import draw_bounding_boxes
 
-# the normalisation of datasets.transforms, undone for display
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
         from PIL import Image
         from torchvision.transforms.v2 import functional as F
 
-        from engine.visualize import IMAGENET_MEAN, IMAGENET_STD
+        from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
         pixels = F.pil_to_tensor(Image.open(image).convert("RGB"))
         pixels = F.resize(pixels, list(size), antialias=True).float() / 255
