@@ -17,26 +17,36 @@ log = logging.getLogger("detr_sparse.checkpoint")
 LAST = "checkpoint.pth"
 
 
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
+
+
+def _from_bytes(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
 def rng_state() -> dict:
+    """This process's RNG states as plain python values (bytes, ints, lists), which both
+    all_gather_object and weights_only loading accept."""
     np_state = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": _to_bytes(torch.get_rng_state()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_to_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_from_bytes(state["torch"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_from_bytes(s) for s in state["cuda"]])
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:

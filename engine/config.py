@@ -65,8 +65,8 @@ class SyntheticConfig:
     num_train: int = 2000
     num_val: int = 200
     seed: int = 0
-    min_size: int = 256
-    max_size: int = 320
+    min_size: int = 0  # image side range; 0: the generator's default (sparse scenes are larger)
+    max_size: int = 0
     max_objects: int = 6
     sparse: bool = False
 

@@ -105,7 +105,8 @@ def evaluate(model, loader, evaluator, device, amp: str = "none", show_progress:
         images, targets = to_device(images, targets, device)
         with autocast(device, amp):
             predictions = model(images)
-        predictions = [{k: v.float().cpu() for k, v in p.items()} for p in predictions]
+        predictions = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in p.items()}
+                       for p in predictions]
         targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         evaluator.update(predictions, targets)
         if on_batch is not None:

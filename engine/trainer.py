@@ -43,7 +43,7 @@ def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
 
         log.info("generating synthetic data in %s", data_cfg.root)
         generate(data_cfg.root, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-                 min_size=syn.min_size, max_size=syn.max_size, max_objects=syn.max_objects,
+                 min_size=syn.min_size or None, max_size=syn.max_size or None, max_objects=syn.max_objects,
                  sparse=syn.sparse)
     barrier()
 

@@ -1,0 +1,77 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+from engine.config import load_config
+from engine.distributed import DistInfo
+from engine.logger import setup_logging
+from engine.train import NonFiniteLossError
+from engine.trainer import Trainer
+
+
+def _trainer(tiny_coco, out, **extra):
+    cfg = load_config(None, tiny_overrides(tiny_coco, out, **extra))
+    setup_logging(out, True)
+    return Trainer(cfg, DistInfo())
+
+
+def _params(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted_run(tiny_coco, tmp_path):
+    straight = _trainer(tiny_coco, tmp_path / "a", **{"train.epochs": 2})
+    straight.train()
+    half = _trainer(tiny_coco, tmp_path / "b", **{"train.epochs": 1})
+    half.train()
+    resumed = _trainer(tiny_coco, tmp_path / "b", **{"train.epochs": 2})
+    resumed.resume(tmp_path / "b" / "checkpoint.pth")
+    assert resumed.state.epoch == 1 and resumed.state.iteration == half.state.iteration
+    resumed.train()
+    assert resumed.state.iteration == straight.state.iteration
+    assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    for t in (straight, half, resumed):
+        t.close()
+
+
+def test_non_finite_loss_stops_with_names_and_keeps_checkpoint(tiny_coco, tmp_path):
+    first = _trainer(tiny_coco, tmp_path, **{"train.epochs": 1})
+    first.train()
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    second = _trainer(tiny_coco, tmp_path, **{"train.epochs": 2})
+    second.resume(tmp_path / "checkpoint.pth")
+    criterion = second.model.criterion
+    original = criterion.forward
+    criterion.forward = lambda *a: {**original(*a), "loss_giou": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 4: .*loss_giou=nan"):
+        second.train()
+    assert (tmp_path / "checkpoint.pth").read_bytes() == saved
+    first.close()
+    second.close()
+
+
+def test_two_process_torchrun_trains_logs_and_evaluates(tiny_coco, tmp_path):
+    out = tmp_path / "run"
+    opts = tiny_overrides(tiny_coco, out, **{"train.epochs": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "main.py"), "--config", str(REPO / "configs/detr_r50.yaml"), "--opts", *opts]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
+    assert (out / "checkpoint.pth").is_file() and (out / "config.yaml").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    # 8 images, 2 processes x batch 2: 2 iterations, logged once each by rank 0 only
+    assert [r["step"] for r in train] == [1, 2]
+    assert any(r["kind"] == "val" and "bbox_AP" in r for r in records)
+    # the checkpoint evaluates alone
+    cmd = [sys.executable, str(REPO / "main.py"), "--config", str(out / "config.yaml"), "--eval",
+           "--resume", str(out / "checkpoint.pth")]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
