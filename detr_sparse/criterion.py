@@ -43,11 +43,12 @@ class SetCriterion(nn.Module):
         matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         target_classes[batch_idx, query_idx] = matched
         loss = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
-        out = {"loss_ce": loss}
+        # the same keys for every batch, even one without objects: the engine averages them
+        # over ranks in one collective, which needs the same entries on every rank
+        error = logits.new_zeros(())
         if matched.numel():
-            acc = (logits[batch_idx, query_idx].argmax(-1) == matched).float().mean()
-            out["class_error"] = (100 - 100 * acc).detach()
-        return out
+            error = 100 - 100 * (logits[batch_idx, query_idx].argmax(-1) == matched).float().mean()
+        return {"loss_ce": loss, "class_error": error.detach()}
 
     def loss_boxes(self, boxes: Tensor, targets, indices, num_boxes: float) -> dict[str, Tensor]:
         batch_idx, query_idx = _flat_indices(indices)

@@ -77,7 +77,7 @@ class DETR(nn.Module):
 
 
 def build_detr(cfg, num_classes: int) -> DETR:
-    backbone = build_backbone(cfg.backbone, out_features=("res5",))
+    backbone = build_backbone(cfg.backbone, out_features=tuple(cfg.backbone.out_features))
     t = cfg.transformer
     transformer = Transformer(t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers,
                               t.dim_feedforward, t.dropout, t.pre_norm)

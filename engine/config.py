@@ -21,6 +21,7 @@ class BackboneConfig:
     # frozen_bn for ImageNet-pretrained weights (DETR); bn / gn when training from scratch
     norm: str = "frozen_bn"
     dilation: bool = False  # DC5: dilate the last stage instead of striding it
+    out_features: list[str] = field(default_factory=lambda: ["res5"])  # DETR uses the last
     pretrained: str = ""  # path to a local torchvision state dict; "" = random init
     lr: float = 1e-5  # 0 freezes the backbone
     channels_last: bool = True  # ~1.8x faster convolutions on CPU

@@ -34,17 +34,27 @@ def seed_everything(seed: int) -> None:
 
 
 def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
-    """Generate the synthetic dataset on rank 0 when the config asks for it and it is missing."""
+    """Generate the synthetic dataset on rank 0 when the config asks for it and data.root
+    does not already hold it. A folder made with other arguments is an error, not overwritten."""
     syn = data_cfg.synthetic
-    if not syn.generate or (Path(data_cfg.root) / "meta.json").is_file():
+    if not syn.generate:
+        return
+    from datasets import synthetic
+
+    args = dict(num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+                min_size=syn.min_size or None, max_size=syn.max_size or None,
+                max_objects=syn.max_objects, sparse=syn.sparse)
+    root = Path(data_cfg.root)
+    if synthetic.matches(root, **args):
         return
     if dist.is_main:
-        from datasets.synthetic import generate
-
-        log.info("generating synthetic data in %s", data_cfg.root)
-        generate(data_cfg.root, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-                 min_size=syn.min_size or None, max_size=syn.max_size or None, max_objects=syn.max_objects,
-                 sparse=syn.sparse)
+        meta = root / "meta.json"
+        if meta.is_file():
+            raise ValueError(f"data.root {root} holds synthetic data made with other arguments "
+                             f"({meta.read_text().strip()}) than data.synthetic asks for "
+                             f"({synthetic.generation_args(**args)}): remove it or change data.root")
+        log.info("generating synthetic data in %s", root)
+        synthetic.generate(root, **args, workers=2)
     barrier()
 
 

@@ -45,6 +45,9 @@ def test_empty_targets_give_only_no_object_loss():
     out = _outputs()
     losses = crit(out, [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2)
     assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+    # same keys as a batch with objects: ranks average them in one collective
+    full = crit(out, [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2)
+    assert set(losses) == set(full)
     assert torch.isfinite(losses["loss_ce"])
     losses["loss_ce"].backward()
 
