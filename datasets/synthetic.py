@@ -185,7 +185,7 @@ def _mask_stats(mask: np.ndarray) -> tuple[dict, list[int], int]:
 def _make_image(task: tuple) -> dict:
     """Draws one image, writes its JPEG and panoptic PNG, and returns its annotations
     (everything except the split-wide annotation ids, which the caller numbers)."""
-    out, split, image_id, seed, min_size, max_size, max_objects, sparse = task
+    out, split, image_id, seed, min_size, max_size, max_objects, sparse, min_object = task
     rng = np.random.default_rng([seed, SPLITS.index(split), image_id])
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
 
@@ -197,10 +197,10 @@ def _make_image(task: tuple) -> dict:
 
     if sparse:
         count = int(rng.integers(1, min(SPARSE_MAX_OBJECTS, max_objects) + 1)) if max_objects else 0
-        size_range = (MIN_OBJECT_SIZE, min(SPARSE_MAX_OBJECT_SIZE, min(h, w)))
+        size_range = (min_object, max(min_object, min(SPARSE_MAX_OBJECT_SIZE, min(h, w))))
     else:
         count = int(rng.integers(0, max_objects + 1))
-        size_range = (MIN_OBJECT_SIZE, max(MIN_OBJECT_SIZE, min(h, w) / 2))
+        size_range = (min_object, max(min_object, min(h, w) / 2))
     things = [_place_thing(rng, h, w, size_range) for _ in range(count)]
 
     # Top object first: what an object shows is its mask minus everything kept above it.
@@ -250,13 +250,19 @@ def _make_image(task: tuple) -> dict:
 # ---- the dataset ----------------------------------------------------------------------------
 
 def generation_args(num_train: int = 2000, num_val: int = 200, seed: int = 0, min_size: int | None = None,
-                    max_size: int | None = None, max_objects: int = 6, sparse: bool = False) -> dict:
+                    max_size: int | None = None, max_objects: int = 6, sparse: bool = False,
+                    min_object_size: int = MIN_OBJECT_SIZE) -> dict:
     """The arguments with defaults resolved, validated: exactly what meta.json records."""
     lo, hi = DEFAULT_SIDES[bool(sparse)]
     args = {"version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
             "seed": int(seed), "min_size": int(lo if min_size is None else min_size),
             "max_size": int(hi if max_size is None else max_size),
             "max_objects": int(max_objects), "sparse": bool(sparse)}
+    if min_object_size != MIN_OBJECT_SIZE:  # recorded only when set, so older folders still match
+        args["min_object_size"] = int(min_object_size)
+    if not MIN_OBJECT_SIZE <= min_object_size <= args["min_size"] // 2:
+        raise ValueError(f"need {MIN_OBJECT_SIZE} <= min_object_size <= min_size / 2, "
+                         f"got {min_object_size}")
     if args["num_train"] < 0 or args["num_val"] < 0 or args["max_objects"] < 0:
         raise ValueError(f"image and object counts must be >= 0, got {args}")
     if not 2 * MIN_OBJECT_SIZE <= args["min_size"] <= args["max_size"]:
@@ -267,7 +273,7 @@ def generation_args(num_train: int = 2000, num_val: int = 200, seed: int = 0, mi
     return args
 
 
-def matches(out: str | Path, **kwargs) -> bool:
+def matches(out: str | Path, **kwargs) -> bool:  # kwargs: those of generation_args
     """Whether ``out`` holds a complete dataset generated with these arguments."""
     meta = Path(out) / "meta.json"
     return meta.is_file() and json.loads(meta.read_text()) == generation_args(**kwargs)
@@ -279,13 +285,14 @@ def _dump(obj, path: Path) -> None:
 
 def generate(out: str | Path, num_train: int = 2000, num_val: int = 200, seed: int = 0,
              min_size: int | None = None, max_size: int | None = None, max_objects: int = 6,
-             sparse: bool = False, workers: int = 1) -> Path:
+             sparse: bool = False, workers: int = 1, min_object_size: int = MIN_OBJECT_SIZE) -> Path:
     """Writes the dataset to ``out`` in the COCO layout and returns ``out`` as a Path.
 
     Image sides are drawn in [min_size, max_size] (default 256..320, or 512..640 when
     ``sparse``); images hold 0..max_objects things (1..min(3, max_objects) things of 8-40 px
     when ``sparse``). Files of an earlier run that this one does not rewrite are left alone."""
-    args = generation_args(num_train, num_val, seed, min_size, max_size, max_objects, sparse)
+    args = generation_args(num_train, num_val, seed, min_size, max_size, max_objects, sparse,
+                           min_object_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
@@ -295,7 +302,8 @@ def generate(out: str | Path, num_train: int = 2000, num_val: int = 200, seed: i
         (out / split).mkdir(exist_ok=True)
         (out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
         tasks += [(str(out), split, i, args["seed"], args["min_size"], args["max_size"],
-                   args["max_objects"], args["sparse"]) for i in range(1, count + 1)]
+                   args["max_objects"], args["sparse"], min_object_size)
+                  for i in range(1, count + 1)]
     if workers > 1 and len(tasks) > 1:
         # fork, where there is one: spawned workers would re-import the datasets package
         # (and torch with it) only to run numpy and PIL code.
@@ -337,12 +345,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-objects", type=int, default=6, help="most things per image")
     parser.add_argument("--sparse", action="store_true",
                         help="large images (512-640 px) with 1-3 small (8-40 px) things")
+    parser.add_argument("--min-object-size", type=int, default=MIN_OBJECT_SIZE,
+                        help="smallest thing diameter (px)")
     parser.add_argument("--workers", type=int, default=1, help="processes (output is the same)")
     a = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         out = generate(a.out, a.train, a.val, a.seed, a.min_size, a.max_size, a.max_objects,
-                       a.sparse, a.workers)
+                       a.sparse, a.workers, a.min_object_size)
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {a.train} train + {a.val} val images to {out} in {time.perf_counter() - start:.1f} s")

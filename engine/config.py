@@ -69,6 +69,7 @@ class SyntheticConfig:
     min_size: int = 0  # image side range; 0: the generator's default (sparse scenes are larger)
     max_size: int = 0
     max_objects: int = 6
+    min_object_size: int = 8  # smallest object diameter in pixels
     sparse: bool = False
 
 

@@ -43,7 +43,7 @@ def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
 
     args = dict(num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
                 min_size=syn.min_size or None, max_size=syn.max_size or None,
-                max_objects=syn.max_objects, sparse=syn.sparse)
+                max_objects=syn.max_objects, sparse=syn.sparse, min_object_size=syn.min_object_size)
     root = Path(data_cfg.root)
     if synthetic.matches(root, **args):
         return

@@ -185,3 +185,17 @@ def test_cli_writes_dataset_and_meta_last(tmp_path):
     assert all(p.stat().st_mtime_ns <= meta.stat().st_mtime_ns for p in out.rglob("*") if p.is_file())
     # the flags reach the same arguments as the Python call
     assert files(out) == files(generate(tmp_path / "py", **args))
+
+
+def test_min_object_size_removes_tiny_objects(tmp_path):
+    def max_sides(root, **kw):
+        generate(root, num_train=12, num_val=0, seed=5, min_size=96, max_size=112, **kw)
+        anns = json.loads((root / "annotations" / "instances_train2017.json").read_text())["annotations"]
+        return [max(a["bbox"][2], a["bbox"][3]) for a in anns]
+
+    default = max_sides(tmp_path / "default")
+    larger = max_sides(tmp_path / "larger", min_object_size=24)
+    # occlusion may hide up to 70% of an object, so the bound is loose
+    assert min(default) < 14 <= min(larger)
+    assert matches(tmp_path / "larger", num_train=12, num_val=0, seed=5, min_size=96,
+                             max_size=112, min_object_size=24)

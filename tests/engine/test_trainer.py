@@ -75,3 +75,14 @@ def test_two_process_torchrun_trains_logs_and_evaluates(tiny_coco, tmp_path):
     cmd = [sys.executable, str(REPO / "main.py"), "--config", str(out / "config.yaml"), "--eval",
            "--resume", str(out / "checkpoint.pth")]
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
+
+
+def test_synthetic_folder_made_with_other_arguments_is_not_overwritten(tiny_coco, tmp_path):
+    from engine.trainer import ensure_synthetic_data
+
+    cfg = load_config(None, tiny_overrides(tiny_coco, tmp_path, **{
+        "data.synthetic.generate": "true", "data.synthetic.num_train": 9}))
+    before = (tiny_coco / "meta.json").read_text()
+    with pytest.raises(ValueError, match="other arguments"):
+        ensure_synthetic_data(cfg.data, DistInfo())
+    assert (tiny_coco / "meta.json").read_text() == before
