@@ -65,3 +65,16 @@ def test_position_embedding_ignores_padding():
     padded = torch.ones(1, 9, 11, dtype=torch.bool)
     padded[:, :6, :8] = False
     assert torch.allclose(pe(mask), pe(padded)[:, :, :6, :8], atol=1e-5)
+
+
+def test_bf16_autocast_training_step_is_finite():
+    from engine.train import autocast
+
+    model = _tiny_model().train()
+    images, targets = _batch()
+    with autocast(torch.device("cpu"), "bf16"):
+        out = model(images, targets)
+    loss = sum(v for k, v in out.items() if k.startswith("loss"))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,38 @@
+import json
+
+import torch
+
+from conftest import REPO, TINY_MODEL
+from engine.benchmark import count_flops
+from tools import benchmark
+
+
+def test_benchmark_prints_table_and_json(capsys):
+    rows = benchmark.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--size", "64", "96",
+                           "--runs", "1", "--warmup", "0", "--json", "--opts", *TINY_MODEL])
+    out = capsys.readouterr().out.splitlines()
+    record = json.loads(out[-1])
+    assert {"config", "size", "batch", "gflops", "gflops_by_part", "latency_s", "peak_mem_mb"} <= set(record)
+    assert record["size"] == [64, 96] and record["batch"] == 1
+    assert set(record["gflops_by_part"]) == {"backbone", "encoder", "decoder", "other"}
+    assert abs(sum(record["gflops_by_part"].values()) - record["gflops"]) < 1e-2
+    assert record["gflops_by_part"]["encoder"] > 0 and record["latency_s"] > 0
+    assert rows[0]["gflops"] == record["gflops"]
+
+
+def test_attention_matmuls_are_counted_as_multiply_adds():
+    attn = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    n, d = 10, 8
+    total, _ = count_flops(Wrap(), torch.randn(1, n, d))
+    projections = 4 * n * d * d  # q, k, v and output projections
+    attention = 2 * n * n * d  # q @ k^T and weights @ v
+    assert abs(total * 1e9 - (projections + attention)) < 1
