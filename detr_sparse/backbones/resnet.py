@@ -3,6 +3,7 @@ and strides, detectron2-style (`res2` .. `res5`)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torchvision
@@ -39,12 +40,6 @@ class ResNetBackbone(nn.Module):
         net = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation],
             norm_layer=_norm_layer(norm))
-        if pretrained:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing:
-                raise ValueError(f"{pretrained}: missing backbone weights {missing[:8]}")
         unknown = set(out_features) - set(_NAMES)
         if unknown:
             raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
@@ -58,9 +53,28 @@ class ResNetBackbone(nn.Module):
         self.channels = {n: channels[_NAMES.index(n)] for n in out_features}
         self.strides = {n: strides[_NAMES.index(n)] for n in out_features}
         self.channels_last = channels_last
+        if pretrained:
+            self.load_torchvision_state(pretrained)
         if norm == "frozen_bn":
             for p in list(self.stem.parameters()) + list(self.stages["res2"].parameters()):
                 p.requires_grad_(False)
+
+    def torchvision_state_dict(self) -> dict[str, Tensor]:
+        """The weights under torchvision's ResNet names (conv1, bn1, layer1, ...)."""
+        return {_to_torchvision(k): v for k, v in self.state_dict().items()}
+
+    def load_torchvision_state(self, path: str) -> None:
+        """Load a torchvision-format ResNet state dict (ImageNet weights saved from torchvision,
+        or tools/pretrain_backbone.py); stages this backbone does not build are ignored."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.backbone.pretrained: {path} not found (torchvision "
+                                    "ResNet weights, or the output of tools/pretrain_backbone.py)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        wanted = {_to_torchvision(k): k for k in self.state_dict()}
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise ValueError(f"{path}: missing backbone weights {missing[:8]}")
+        self.load_state_dict({ours: state[theirs] for theirs, ours in wanted.items()})
 
     def output_shape(self) -> dict[str, dict[str, int]]:
         return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
@@ -75,6 +89,15 @@ class ResNetBackbone(nn.Module):
             if name in self.out_features:
                 out[name] = x.contiguous()
         return out
+
+
+def _to_torchvision(name: str) -> str:
+    """stem.0.weight -> conv1.weight, stages.res3.0.conv1.weight -> layer2.0.conv1.weight"""
+    if name.startswith("stem."):
+        index, rest = name[len("stem."):].split(".", 1)
+        return f"{['conv1', 'bn1'][int(index)]}.{rest}"
+    stage, rest = name[len("stages."):].split(".", 1)
+    return f"{_STAGES[_NAMES.index(stage)]}.{rest}"
 
 
 def _block_out_channels(block: nn.Module) -> int:

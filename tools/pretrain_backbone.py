@@ -1,0 +1,131 @@
+"""Pretrain a ResNet backbone on the training set itself, for when no ImageNet weights are
+available (offline machines, the synthetic data). The task is dense box classification:
+every cell of the last feature map predicts the class of the smallest ground-truth box that
+contains its centre, or background, with a 1x1 convolution. It teaches the backbone what
+and where the objects are, which DETR's set loss alone learns very slowly from scratch.
+
+    python tools/pretrain_backbone.py --config configs/detr_r18_synthetic.yaml \
+        --epochs 5 --out out/backbone_r18_synthetic.pth
+
+The weights are saved under torchvision's names; point `model.backbone.pretrained` at them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets import build_dataset, collate_fn  # noqa: E402
+from detr_sparse.backbones import build_backbone  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.distributed import DistInfo  # noqa: E402
+from engine.trainer import ensure_synthetic_data, seed_everything  # noqa: E402
+
+log = logging.getLogger("detr_sparse.pretrain")
+
+
+class DenseClassifier(nn.Module):
+    """backbone -> last feature map -> 1x1 convolution to K + 1 (background) logits per cell."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.name = backbone.out_features[-1]
+        self.stride = backbone.strides[self.name]
+        self.head = nn.Conv2d(backbone.channels[self.name], num_classes + 1, kernel_size=1)
+
+    def forward(self, images) -> torch.Tensor:
+        return self.head(self.backbone(images.tensors)[self.name])
+
+
+def dense_labels(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int], stride: int,
+                 num_classes: int) -> torch.Tensor:
+    """(B, h, w) int64: the label of the smallest box holding each cell centre, num_classes for
+    background, -100 (ignored) on padding."""
+    h, w = shape
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * stride
+    out = torch.full((len(targets), h, w), num_classes, dtype=torch.int64)
+    for i, t in enumerate(targets):
+        boxes = t["boxes"]
+        order = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argsort(descending=True)
+        for box, label in zip(boxes[order], t["labels"][order]):  # smaller boxes drawn last win
+            inside_y = (ys >= box[1]) & (ys <= box[3])
+            inside_x = (xs >= box[0]) & (xs <= box[2])
+            out[i][inside_y[:, None] & inside_x[None, :]] = label
+    padding = F.interpolate(mask[None].float(), size=shape)[0].bool()
+    out[padding] = -100
+    return out
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="its data and model.backbone sections are used")
+    p.add_argument("--out", required=True, help="where to write the backbone weights")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--opts", nargs="*", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.opts)
+    seed_everything(cfg.train.seed)
+    ensure_synthetic_data(cfg.data, DistInfo())
+    dataset = build_dataset(cfg.data, "train")
+    bb_cfg = cfg.model.backbone
+    backbone = build_backbone(_without_pretrained(bb_cfg), tuple(bb_cfg.out_features))
+    model = DenseClassifier(backbone, dataset.num_classes)
+    # background covers most cells; down-weighting it keeps the object classes in view
+    class_weight = torch.ones(dataset.num_classes + 1)
+    class_weight[-1] = 0.2
+    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader))
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        dataset.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        for images, targets in loader:
+            logits = model(images)
+            labels = dense_labels(targets, images.mask, logits.shape[-2:], model.stride,
+                                  dataset.num_classes)
+            loss = F.cross_entropy(logits, labels, class_weight, ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            on_object = labels[(labels >= 0) & (labels < dataset.num_classes)]
+            predicted = logits.argmax(1)[(labels >= 0) & (labels < dataset.num_classes)]
+            loss_sum += loss.item()
+            correct += (predicted == on_object).sum().item()
+            seen += on_object.numel()
+        log.info("epoch %d: loss %.4f, accuracy on object cells %.3f (%.0f s)", epoch,
+                 loss_sum / len(loader), correct / max(seen, 1), time.perf_counter() - start)
+    path = save_checkpoint(backbone.torchvision_state_dict(), args.out)
+    log.info("wrote %s", path)
+    return path
+
+
+def _without_pretrained(bb_cfg):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(bb_cfg)
+    cfg["pretrained"] = ""
+    return OmegaConf.create(cfg)
+
+
+if __name__ == "__main__":
+    main()
