@@ -51,7 +51,7 @@ def measure(cfg_path: str, args) -> dict:
     with peak_memory(device) as mem:
         latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
     return {"config": cfg_path, "size": list(args.size), "batch": args.batch,
-            "gflops": round(gflops, 3), "gflops_by_part": {k: round(v, 3) for k, v in by_part.items()},
+            "gflops": round(gflops, 6), "gflops_by_part": {k: round(v, 6) for k, v in by_part.items()},
             "latency_s": round(latency, 4), "peak_mem_mb": round(mem["mb"], 1),
             "threads": torch.get_num_threads(), "device": str(device)}
 

@@ -4,16 +4,11 @@ from detr_sparse import build_model
 from detr_sparse.image_batch import ImageBatch
 from detr_sparse.position_encoding import PositionEmbeddingSine
 from engine.config import load_config
-
-TINY = ["model.backbone.name=resnet18", "model.backbone.norm=gn", "model.num_queries=8",
-        "model.transformer.hidden_dim=64", "model.transformer.nheads=4",
-        "model.transformer.enc_layers=1", "model.transformer.dec_layers=2",
-        "model.transformer.dim_feedforward=128", "model.transformer.dropout=0.0"]
-
+from helpers import TINY_MODEL
 
 def _tiny_model(num_classes=3):
     torch.manual_seed(0)
-    return build_model(load_config(None, TINY).model, num_classes)
+    return build_model(load_config(None, TINY_MODEL + ["model.transformer.dropout=0.0"]).model, num_classes)
 
 
 def _batch():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from helpers import REPO, tiny_overrides
 from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.logger import setup_logging

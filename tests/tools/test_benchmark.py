@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from conftest import REPO, TINY_MODEL
+from helpers import REPO, TINY_MODEL
 from engine.benchmark import count_flops
 from tools import benchmark
 
@@ -29,7 +29,8 @@ def test_attention_matmuls_are_counted_as_multiply_adds():
             self.attn = attn
 
         def forward(self, x):
-            return self.attn(x, x, x, need_weights=False)[0]
+            q = x + 1  # position added to queries and keys, as DETR does
+            return self.attn(q, q, x, need_weights=False)[0]
 
     n, d = 10, 8
     total, _ = count_flops(Wrap(), torch.randn(1, n, d))

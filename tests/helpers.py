@@ -1,0 +1,19 @@
+"""Shared test constants and config overrides (fixtures live in conftest.py)."""
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = ["model.backbone.name=resnet18", "model.backbone.norm=gn", "model.backbone.lr=1e-4",
+              "model.num_queries=8", "model.transformer.hidden_dim=64", "model.transformer.nheads=4",
+              "model.transformer.enc_layers=1", "model.transformer.dec_layers=2",
+              "model.transformer.dim_feedforward=128"]
+
+
+def tiny_overrides(data_root, output_dir, **extra) -> list[str]:
+    """A tiny DETR on the tiny synthetic set, one process, CPU."""
+    opts = TINY_MODEL + [
+        f"data.root={data_root}", f"output_dir={output_dir}", "data.train_scales=[64,80]",
+        "data.max_size=128", "data.crop_resize_scales=[64]", "data.crop_size=[48,64]",
+        "data.val_size=80", "data.num_workers=0", "train.batch_size=2", "eval.batch_size=2",
+        "train.log_every=1", "train.lr=1e-4", "device=cpu"]
+    return opts + [f"{k}={v}" for k, v in extra.items()]
