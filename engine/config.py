@@ -104,7 +104,9 @@ class TrainConfig:
     clip_max_norm: float = 0.1
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
     seed: int = 42
-    max_iters: int = 0  # stop after this many iterations in total; 0 = no limit
+    # stop after this many iterations in total (quick runs and tests; an epoch cut short
+    # counts as done); 0 = no limit
+    max_iters: int = 0
     log_every: int = 20
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
