@@ -25,3 +25,4 @@ def test_crop_pretraining_writes_loadable_torchvision_weights(tiny_coco, tmp_pat
                             "--epochs", "1", "--batch", "4", "--crop-size", "32", "--opts", *opts])
     backbone = ResNetBackbone("resnet18", norm="gn", out_features=("res5",), pretrained=str(out))
     assert backbone(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 512, 2, 2)
+
