@@ -12,21 +12,18 @@ import logging
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.distributed as dist
 import torch.nn.functional as nnf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
+
+from engine.distributed import all_gather_objects, broadcast_object, get_rank, is_distributed
 
 logger = logging.getLogger("detr_sparse.eval")
 
 # The order of COCOeval.stats.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def merge_rank_results(per_rank: list[tuple[list[int], dict]], iou_types) -> tuple[set[int], dict]:
@@ -131,24 +128,17 @@ class CocoEvaluator:
 
     def gather(self) -> None:
         """Give every rank all ranks' results (no-op without torch.distributed)."""
-        if self._gathered or not _distributed():
+        if self._gathered or not is_distributed():
             return
-        per_rank: list = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, (sorted(self.img_ids), self.results))
+        per_rank = all_gather_objects((sorted(self.img_ids), self.results))
         self.img_ids, self.results = merge_rank_results(per_rank, self.iou_types)
         self._gathered = True
 
     def summarize(self) -> dict[str, dict[str, float]]:
         """COCO AP per iou type on the evaluated images; identical on every rank."""
         self.gather()
-        if _distributed() and dist.get_rank() != 0:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        summary = {t: self._evaluate(t) for t in self.iou_types}
-        if _distributed():
-            dist.broadcast_object_list([summary], src=0)
-        return summary
+        summary = {t: self._evaluate(t) for t in self.iou_types} if get_rank() == 0 else None
+        return broadcast_object(summary)
 
     def _evaluate(self, iou_type: str) -> dict[str, float]:
         results = [dict(r) for img_id in sorted(self.results[iou_type]) for r in self.results[iou_type][img_id]]
