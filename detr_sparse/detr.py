@@ -3,7 +3,6 @@ a set loss. Follows the detector contract of DESIGN.md: losses in training, one 
 detections per image in eval."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert
@@ -27,9 +26,9 @@ def normalized_targets(targets: list[dict], sizes: Tensor) -> list[dict]:
     return out
 
 
-def mask_to_feature(mask: Tensor, feature: Tensor) -> Tensor:
-    """Image padding mask (B, H, W) -> padding mask at the feature map's resolution."""
-    return F.interpolate(mask[None].float(), size=feature.shape[-2:])[0].bool()
+def mask_to_feature(mask: Tensor, shape) -> Tensor:
+    """Image padding mask (B, H, W) -> padding mask at a feature map's (h, w)."""
+    return F.interpolate(mask[None].float(), size=tuple(shape))[0].bool()
 
 
 class DETR(nn.Module):
@@ -52,14 +51,20 @@ class DETR(nn.Module):
         self.criterion = criterion
         self.aux_loss = aux_loss
 
+    def tokens(self, images: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """The transformer's input: projected features (B, N, C), padding mask (B, N) with
+        True at padding, and position embeddings (B, N, C)."""
+        feature = self.backbone(images.tensors)[self.feature_name]
+        mask = mask_to_feature(images.mask, feature.shape[-2:])
+        pos = self.position_embedding(mask).flatten(2).transpose(1, 2)
+        src = self.input_proj(feature).flatten(2).transpose(1, 2)
+        return src, mask.flatten(1), pos
+
     def forward_raw(self, images: ImageBatch) -> dict:
         """Raw outputs: pred_logits (B, Q, K+1), pred_boxes (B, Q, 4) normalised cxcywh,
         aux_outputs for the earlier decoder layers."""
-        feature = self.backbone(images.tensors)[self.feature_name]
-        mask = mask_to_feature(images.mask, feature)
-        pos = self.position_embedding(mask).flatten(2).transpose(1, 2)
-        src = self.input_proj(feature).flatten(2).transpose(1, 2)
-        hs, _ = self.transformer(src, mask.flatten(1), self.query_embed.weight, pos)
+        src, mask, pos = self.tokens(images)
+        hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

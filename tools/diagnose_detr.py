@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset, collate_fn  # noqa: E402
 from detr_sparse import build_model  # noqa: E402
-from detr_sparse.detr import mask_to_feature  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
@@ -25,11 +24,8 @@ from engine.config import load_config  # noqa: E402
 def diagnose(model, images) -> dict[str, float]:
     """Standard deviations over images and over queries / positions (means over the rest)."""
     model.eval()
-    feature = model.backbone(images.tensors)[model.feature_name]
-    mask = mask_to_feature(images.mask, feature)
-    pos = model.position_embedding(mask).flatten(2).transpose(1, 2)
-    src = model.input_proj(feature).flatten(2).transpose(1, 2)
-    memory = model.transformer.encode(src, mask.flatten(1), pos)
+    src, mask, pos = model.tokens(images)
+    memory = model.transformer.encode(src, mask, pos)
     out = model.forward_raw(images)
     boxes = out["pred_boxes"]
     object_prob = out["pred_logits"].softmax(-1)[..., :-1].max(-1).values

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -33,6 +34,7 @@ from datasets import build_dataset, collate_fn  # noqa: E402
 from datasets.coco import CocoDetection  # noqa: E402
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from detr_sparse.backbones import build_backbone  # noqa: E402
+from detr_sparse.detr import mask_to_feature  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import DistInfo  # noqa: E402
@@ -70,8 +72,7 @@ def dense_labels(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int]
             inside_y = (ys >= box[1]) & (ys <= box[3])
             inside_x = (xs >= box[0]) & (xs <= box[2])
             out[i][inside_y[:, None] & inside_x[None, :]] = label
-    padding = F.interpolate(mask[None].float(), size=shape)[0].bool()
-    out[padding] = -100
+    out[mask_to_feature(mask, shape)] = -100
     return out
 
 
@@ -106,10 +107,14 @@ def object_crops(dataset, size: int, context: float = 0.25) -> tuple[torch.Tenso
     return (torch.cat(crops) - mean) / std, torch.cat(labels)
 
 
-def train_crops(model, crops, labels, epochs: int, batch: int, lr: float) -> None:
+def _one_cycle(model, lr: float, total_steps: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total_steps)
+
+
+def train_crops(model, crops, labels, epochs: int, batch: int, lr: float) -> None:
     steps = len(crops) // batch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
+    optimizer, scheduler = _one_cycle(model, lr, epochs * steps)
     start = time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(len(crops))
@@ -131,6 +136,36 @@ def train_crops(model, crops, labels, epochs: int, batch: int, lr: float) -> Non
                  correct / (steps * batch), time.perf_counter() - start)
 
 
+def train_dense(model, dataset, cfg, epochs: int, batch: int, lr: float) -> None:
+    k = dataset.num_classes
+    # background covers most cells; down-weighting it keeps the object classes in view
+    class_weight = torch.ones(k + 1)
+    class_weight[-1] = 0.2
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    optimizer, scheduler = _one_cycle(model, lr, epochs * len(loader))
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        for images, targets in loader:
+            logits = model(images)
+            labels = dense_labels(targets, images.mask, logits.shape[-2:], model.stride, k)
+            loss = F.cross_entropy(logits, labels, class_weight, ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            on_object = (labels >= 0) & (labels < k)
+            loss_sum += loss.item()
+            correct += (logits.argmax(1)[on_object] == labels[on_object]).sum().item()
+            seen += int(on_object.sum())
+        log.info("epoch %d: loss %.4f, accuracy on object cells %.3f (%.0f s)", epoch,
+                 loss_sum / len(loader), correct / max(seen, 1), time.perf_counter() - start)
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="its data and model.backbone sections are used")
@@ -148,57 +183,16 @@ def main(argv=None) -> Path:
     ensure_synthetic_data(cfg.data, DistInfo())
     dataset = build_dataset(cfg.data, "train")
     bb_cfg = cfg.model.backbone
-    backbone = build_backbone(_without_pretrained(bb_cfg), tuple(bb_cfg.out_features))
+    # the weights to pretrain start from scratch whatever the config points at
+    backbone = build_backbone(OmegaConf.merge(bb_cfg, {"pretrained": ""}), tuple(bb_cfg.out_features))
     if args.task == "crops":
         crops, labels = object_crops(dataset, args.crop_size)
         log.info("%d object crops of %d px", len(crops), args.crop_size)
         train_crops(CropClassifier(backbone, dataset.num_classes), crops, labels, args.epochs,
                     args.batch, args.lr)
-        path = save_checkpoint(backbone.torchvision_state_dict(), args.out)
-        log.info("wrote %s", path)
-        return path
-    model = DenseClassifier(backbone, dataset.num_classes)
-    # background covers most cells; down-weighting it keeps the object classes in view
-    class_weight = torch.ones(dataset.num_classes + 1)
-    class_weight[-1] = 0.2
-    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_fn,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader))
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        dataset.set_epoch(epoch)
-        model.train()
-        loss_sum, correct, seen = 0.0, 0.0, 0
-        for images, targets in loader:
-            logits = model(images)
-            labels = dense_labels(targets, images.mask, logits.shape[-2:], model.stride,
-                                  dataset.num_classes)
-            loss = F.cross_entropy(logits, labels, class_weight, ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            on_object = labels[(labels >= 0) & (labels < dataset.num_classes)]
-            predicted = logits.argmax(1)[(labels >= 0) & (labels < dataset.num_classes)]
-            loss_sum += loss.item()
-            correct += (predicted == on_object).sum().item()
-            seen += on_object.numel()
-        log.info("epoch %d: loss %.4f, accuracy on object cells %.3f (%.0f s)", epoch,
-                 loss_sum / len(loader), correct / max(seen, 1), time.perf_counter() - start)
+    else:
+        train_dense(DenseClassifier(backbone, dataset.num_classes), dataset, cfg, args.epochs,
+                    args.batch, args.lr)
     path = save_checkpoint(backbone.torchvision_state_dict(), args.out)
     log.info("wrote %s", path)
     return path
-
-
-def _without_pretrained(bb_cfg):
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(bb_cfg)
-    cfg["pretrained"] = ""
-    return OmegaConf.create(cfg)
-
-
-if __name__ == "__main__":
-    main()
