@@ -4,6 +4,7 @@ GFLOPs follow the detection literature (DETR, Deformable DETR, fvcore): one mult
 counts as one operation. torch's FlopCounterMode counts two, so its totals are halved here."""
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -76,14 +77,7 @@ def measure_latency(model: torch.nn.Module, inputs, runs: int = 3, warmup: int =
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-try:
-    import os
-    _PAGE = os.sysconf("SC_PAGE_SIZE")
-except (ValueError, OSError, AttributeError):
-    _PAGE = 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @contextmanager

@@ -47,8 +47,10 @@ class ResNetBackbone(nn.Module):
         last = max(_NAMES.index(n) for n in out_features)
         self.stages = nn.ModuleDict({_NAMES[i]: getattr(net, _STAGES[i]) for i in range(last + 1)})
         self.out_features = tuple(out_features)
-        widths = [net.layer1[-1], net.layer2[-1], net.layer3[-1], net.layer4[-1]]
-        channels = [_block_out_channels(b) for b in widths]
+        # the last convolution of each stage's last block (conv3 in Bottleneck, conv2 in BasicBlock)
+        last_convs = [getattr(getattr(net, s)[-1], "conv3", None) or getattr(net, s)[-1].conv2
+                      for s in _STAGES]
+        channels = [conv.out_channels for conv in last_convs]
         strides = [4, 8, 16, 16 if dilation else 32]
         self.channels = {n: channels[_NAMES.index(n)] for n in out_features}
         self.strides = {n: strides[_NAMES.index(n)] for n in out_features}
@@ -98,8 +100,3 @@ def _to_torchvision(name: str) -> str:
         return f"{['conv1', 'bn1'][int(index)]}.{rest}"
     stage, rest = name[len("stages."):].split(".", 1)
     return f"{_STAGES[_NAMES.index(stage)]}.{rest}"
-
-
-def _block_out_channels(block: nn.Module) -> int:
-    last_bn = getattr(block, "bn3", None) or block.bn2
-    return last_bn.num_features if hasattr(last_bn, "num_features") else last_bn.weight.numel()

@@ -99,6 +99,8 @@ class Transformer(nn.Module):
         return self.encoder_norm(src)
 
     def decode(self, memory, mask, pos, query_embed: Tensor) -> Tensor:
+        # repeat, not expand: FlopCounterMode's module tracker fails on a no-grad view of a
+        # parameter that requires grad
         query_pos = query_embed.unsqueeze(0).repeat(memory.shape[0], 1, 1)
         tgt = torch.zeros_like(query_pos)
         hs = []

@@ -23,7 +23,7 @@ def test_base_chain_and_overrides(tmp_path):
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
-    base = _write(tmp_path, "base.yaml", "model:\n  num_querys: 10\n")
+    _write(tmp_path, "base.yaml", "model:\n  num_querys: 10\n")
     child = _write(tmp_path, "child.yaml", "_base_: base.yaml\n")
     with pytest.raises(ConfigError, match=r"base\.yaml.*model\.num_querys"):
         load_config(child)
