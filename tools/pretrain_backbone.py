@@ -196,3 +196,7 @@ def main(argv=None) -> Path:
     path = save_checkpoint(backbone.torchvision_state_dict(), args.out)
     log.info("wrote %s", path)
     return path
+
+
+if __name__ == "__main__":
+    main()
