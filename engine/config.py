@@ -25,6 +25,9 @@ class BackboneConfig:
     pretrained: str = ""  # path to a local torchvision state dict; "" = random init
     lr: float = 1e-5  # 0 freezes the backbone
     channels_last: bool = True  # ~1.8x faster convolutions on CPU
+    # stages without gradient: 0 none, 1 stem, 2 stem + res2 (DETR), 3 up to res3, ...;
+    # -1: 2 with frozen_bn, 0 with a trainable norm
+    freeze_at: int = -1
 
 
 @dataclass

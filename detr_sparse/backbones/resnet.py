@@ -28,12 +28,14 @@ class ResNetBackbone(nn.Module):
     """forward(x: (B, 3, H, W)) -> OrderedDict of the requested maps, e.g. {"res5": (B, 2048, H/32, W/32)}.
 
     `dilation` (DC5) replaces the stride of the last stage by dilation: res5 has stride 16.
-    The stem and res2 are frozen, as in DETR, unless the norm is trainable (training from scratch).
+    `freeze_at` stops the gradient of the first stages: 0 none, 1 the stem, 2 stem and res2
+    (DETR with ImageNet weights), 3 up to res3, ...; -1 picks 2 for frozen_bn and 0 for a
+    trainable norm (training from scratch).
     """
 
     def __init__(self, name: str = "resnet50", norm: str = "frozen_bn", dilation: bool = False,
                  out_features: tuple[str, ...] = ("res5",), pretrained: str = "",
-                 channels_last: bool = True):
+                 channels_last: bool = True, freeze_at: int = -1):
         super().__init__()
         if not hasattr(torchvision.models, name) or not name.startswith("resnet"):
             raise ValueError(f"model.backbone.name: '{name}' is not a torchvision ResNet")
@@ -57,9 +59,14 @@ class ResNetBackbone(nn.Module):
         self.channels_last = channels_last
         if pretrained:
             self.load_torchvision_state(pretrained)
-        if norm == "frozen_bn":
-            for p in list(self.stem.parameters()) + list(self.stages["res2"].parameters()):
-                p.requires_grad_(False)
+        if freeze_at < 0:
+            freeze_at = 2 if norm == "frozen_bn" else 0
+        if freeze_at > len(self.stages) + 1:
+            raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the stem and "
+                             f"the {len(self.stages)} stages this backbone builds")
+        frozen = [self.stem, *list(self.stages.values())][:freeze_at]
+        for p in (p for m in frozen for p in m.parameters()):
+            p.requires_grad_(False)
 
     def torchvision_state_dict(self) -> dict[str, Tensor]:
         """The weights under torchvision's ResNet names (conv1, bn1, layer1, ...)."""

@@ -40,3 +40,17 @@ def test_frozen_bn_freezes_stem_and_res2():
     assert not any(p.requires_grad for p in backbone.stem.parameters())
     assert not any(p.requires_grad for p in backbone.stages["res2"].parameters())
     assert all(p.requires_grad for p in backbone.stages["res5"].parameters())
+
+
+@pytest.mark.parametrize("freeze_at, trainable", [(0, ["stem", "res2", "res3", "res4"]),
+                                                  (3, ["res4"]), (-1, ["stem", "res2", "res3", "res4"])])
+def test_freeze_at_stops_gradients_of_the_first_stages(freeze_at, trainable):
+    backbone = ResNetBackbone("resnet18", norm="gn", out_features=("res4",), freeze_at=freeze_at)
+    parts = {"stem": backbone.stem, **backbone.stages}
+    assert {n for n, m in parts.items() if all(p.requires_grad for p in m.parameters())} == set(trainable)
+    assert not any(p.requires_grad for n, m in parts.items() if n not in trainable for p in m.parameters())
+
+
+def test_freeze_at_beyond_the_built_stages_is_an_error():
+    with pytest.raises(ValueError, match="freeze_at"):
+        ResNetBackbone("resnet18", norm="gn", out_features=("res3",), freeze_at=4)

@@ -18,11 +18,13 @@ def test_dense_labels_smallest_box_wins_and_padding_is_ignored():
     assert torch.equal(labels[0], expected)
 
 
-def test_crop_pretraining_writes_loadable_torchvision_weights(tiny_coco, tmp_path):
+def test_a_frozen_bn_config_pretrains_batch_norm_and_loads_its_statistics(tiny_coco, tmp_path):
     out = tmp_path / "backbone.pth"
-    opts = tiny_overrides(tiny_coco, tmp_path)
-    pretrain_backbone.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--out", str(out), "--task", "crops",
-                            "--epochs", "1", "--batch", "4", "--crop-size", "32", "--opts", *opts])
-    backbone = ResNetBackbone("resnet18", norm="gn", out_features=("res5",), pretrained=str(out))
-    assert backbone(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 512, 2, 2)
-
+    opts = tiny_overrides(tiny_coco, tmp_path) + ["model.backbone.norm=frozen_bn", "model.backbone.freeze_at=4"]
+    pretrain_backbone.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--out", str(out),
+                            "--epochs", "1", "--batch", "2", "--opts", *opts])
+    before = ResNetBackbone("resnet18", norm="frozen_bn", out_features=("res5",))
+    after = ResNetBackbone("resnet18", norm="frozen_bn", out_features=("res5",), pretrained=str(out))
+    # batch norm trained (statistics moved off their initial 0 / 1), whatever freeze_at says
+    assert not torch.equal(after.stem[1].running_mean, before.stem[1].running_mean)
+    assert not torch.equal(after.stages["res5"][0].conv1.weight, before.stages["res5"][0].conv1.weight)
