@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Set up the environment when it is missing, then train/evaluate or run the tests.
+# Set up the environment when it is missing, then train/evaluate under torchrun, or run the tests.
 #
 #   bash launch.sh --config configs/quickstart.yaml [--eval] [--resume X] [--opts k=v ...]
 #   bash launch.sh --test [pytest arguments]
+#   bash launch.sh --setup            # only create the environment (once, before a multi-node job)
 #
-# Environment: NPROC_PER_NODE (default: GPUs, else 2 CPU processes), PYTHON (python3.11),
-# DETR_SPARSE_VENV (virtualenv folder, default .venv in the repository).
+# Processes and nodes come from the environment:
+#   NPROC_PER_NODE  processes on this node (default: its GPUs, else 2 CPU processes)
+#   NNODES          nodes, or MIN:MAX for an elastic job (default 1: a standalone run)
+#   NODE_RANK       this node's rank (optional with c10d rendezvous, which assigns ranks itself)
+#   RDZV_ENDPOINT   host:port of the c10d rendezvous (default MASTER_ADDR:MASTER_PORT)
+#   RDZV_ID         job id shared by every node (default detr_sparse)
+#   MAX_RESTARTS    times torchrun restarts the whole group after a worker fails (default 0)
+# Under SLURM (one launch.sh task per node: `srun --ntasks-per-node 1 bash launch.sh ...`)
+# they default to SLURM_NNODES, SLURM_NODEID, the first host of the allocation and
+# SLURM_JOB_ID. `--max-restarts N` on the command line overrides MAX_RESTARTS.
+# Also: PYTHON (python3.11), DETR_SPARSE_VENV (virtualenv folder, default .venv).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,10 +43,47 @@ if [ "${1:-}" = "--test" ]; then
     exec "$PY" -m pytest tests "$@"
 fi
 
+if [ "${1:-}" = "--setup" ]; then
+    exit 0
+fi
+
+if [ "${1:-}" = "--max-restarts" ]; then
+    MAX_RESTARTS="$2"
+    shift 2
+fi
+
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+    NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"
+    RDZV_ID="${RDZV_ID:-$SLURM_JOB_ID}"
+    if [ -z "${RDZV_ENDPOINT:-}" ] && [ -z "${MASTER_ADDR:-}" ]; then
+        RDZV_ENDPOINT="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):${MASTER_PORT:-29500}"
+    fi
+fi
+NNODES="${NNODES:-1}"
+if [ -z "${RDZV_ENDPOINT:-}" ] && [ -n "${MASTER_ADDR:-}" ]; then
+    RDZV_ENDPOINT="$MASTER_ADDR:${MASTER_PORT:-29500}"
+fi
+
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 CORES=$(nproc)
 # one process per core slice: oversubscribed threads make CPU training slower, not faster
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}"
-exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" main.py "$@"
+
+RUN=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}")
+if [ "$NNODES" = 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    RUN+=(--standalone)
+else
+    if [ -z "${RDZV_ENDPOINT:-}" ]; then
+        echo "launch.sh: NNODES=$NNODES needs RDZV_ENDPOINT (or MASTER_ADDR) naming the rendezvous host:port" >&2
+        exit 2
+    fi
+    RUN+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+          --rdzv-id "${RDZV_ID:-detr_sparse}")
+    if [ -n "${NODE_RANK:-}" ]; then
+        RUN+=(--node-rank "$NODE_RANK")
+    fi
+fi
+exec "$PY" -m torch.distributed.run "${RUN[@]}" main.py "$@"

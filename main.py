@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 
-from engine import checkpoint as ckpt
 from engine.config import ConfigError, load_config
 from engine.distributed import cleanup, init_distributed
 from engine.logger import setup_logging
@@ -40,10 +39,9 @@ def main(argv=None) -> dict:
     log = setup_logging(cfg.output_dir, dist.is_main)
     try:
         trainer = Trainer(cfg, dist, eval_only=args.eval)
-        resume = args.resume or ckpt.find_last_checkpoint(cfg.output_dir)
-        if resume:
-            trainer.resume(resume, weights_only=args.eval)
-        elif args.eval:
+        if args.resume:
+            trainer.resume(args.resume, weights_only=args.eval)
+        elif not trainer.resume_latest(weights_only=args.eval) and args.eval:
             log.warning("--eval without a checkpoint: evaluating randomly initialised weights")
         stats = trainer.evaluate() if args.eval else trainer.train()
         trainer.close()

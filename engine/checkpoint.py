@@ -1,6 +1,10 @@
 """Checkpoints: written atomically (temporary file in the same folder, fsync, rename), with
 everything needed to continue a run exactly: model, optimizer, scheduler, grad scaler,
-epoch, iteration, resolved config and every rank's RNG states."""
+epoch, iteration, position in the epoch, resolved config and every rank's RNG states.
+
+A run keeps its last K checkpoints as output_dir/checkpoint_<iteration>.pth, and
+output_dir/checkpoint.pth links to the newest. Resuming tries the newest first and falls back
+to older ones, with a warning, when a file cannot be read."""
 from __future__ import annotations
 
 import logging
@@ -88,6 +92,44 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, source: str, stri
         log.warning(msg)
 
 
-def find_last_checkpoint(output_dir: str | Path) -> Path | None:
-    path = Path(output_dir) / LAST
-    return path if path.is_file() else None
+def checkpoint_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:09d}.pth"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The numbered checkpoints of a run, newest (highest iteration) first."""
+    return sorted(Path(output_dir).glob("checkpoint_*[0-9].pth"), reverse=True)
+
+
+def save_numbered(state: dict, output_dir: str | Path, iteration: int, keep: int) -> Path:
+    """Save as checkpoint_<iteration>.pth, point checkpoint.pth at it, then delete all but the
+    `keep` newest numbered files (and temporary files a killed writer left behind)."""
+    out = Path(output_dir)
+    path = save_checkpoint(state, out / checkpoint_name(iteration))
+    link = out / f".{LAST}.link"
+    link.unlink(missing_ok=True)
+    link.symlink_to(path.name)
+    os.replace(link, out / LAST)  # the link switches atomically too
+    for old in list_checkpoints(out)[max(keep, 1):]:
+        old.unlink(missing_ok=True)
+    for tmp in out.glob("checkpoint*.pth.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
+    """(path, state) of the newest readable checkpoint of a run, or None when there is none.
+    An unreadable file (truncated by a crash, corrupt) is skipped with a warning."""
+    candidates = list_checkpoints(output_dir)
+    last = Path(output_dir) / LAST
+    if not candidates and last.is_file():  # a single checkpoint.pth (older runs, copies)
+        candidates = [last]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as e:
+            log.warning("%s; falling back to the previous checkpoint", e)
+    if candidates:
+        raise RuntimeError(f"{output_dir}: none of the checkpoints {[p.name for p in candidates]} "
+                           "is readable")
+    return None

@@ -113,6 +113,8 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_iters: int = 0  # also every this many iterations (0: epochs only)
+    keep_checkpoints: int = 2  # the newest K checkpoint files are kept
 
 
 @dataclass

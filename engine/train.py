@@ -22,8 +22,9 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TrainState:
-    epoch: int = 0  # the epoch to run next
+    epoch: int = 0  # the epoch to run next (or to finish, when step_in_epoch > 0)
     iteration: int = 0  # optimizer steps done so far
+    step_in_epoch: int = 0  # steps of `epoch` already done (a checkpoint taken mid-epoch)
 
 
 def autocast(device: torch.device, amp: str):
@@ -52,10 +53,11 @@ def progress(iterable, desc: str, enabled: bool):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainState, run_logger,
-                    device, show_progress: bool = True) -> dict[str, float]:
-    """Runs until the loader ends or train_cfg.max_iters steps are done. Returns the mean of
-    every logged value over the epoch. Raises NonFiniteLossError, naming the iteration and
-    the loss terms, before the optimizer applies a non-finite loss."""
+                    device, show_progress: bool = True, after_step=None) -> dict[str, float]:
+    """Runs until the loader ends or train_cfg.max_iters steps are done, calling
+    `after_step()` after each optimizer step. Returns the mean of every logged value over the
+    steps run. Raises NonFiniteLossError, naming the iteration and the loss terms, before the
+    optimizer applies a non-finite loss."""
     model.train()
     sums: dict[str, float] = {}
     steps = 0
@@ -82,6 +84,7 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
         scaler.step(optimizer)
         scaler.update()
         state.iteration += 1
+        state.step_in_epoch += 1
         steps += 1
         toc = time.perf_counter()
         stats["iter_time"], tic = toc - tic, toc
@@ -92,6 +95,8 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
             run_logger.scalars("train", stats, state.iteration, epoch=state.epoch)
             log.info("epoch %d iter %d loss %.4f (%.2fs/it)", state.epoch, state.iteration,
                      stats["loss"], stats["iter_time"])
+        if after_step is not None:
+            after_step()
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 

@@ -58,9 +58,23 @@ def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
     barrier()
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: `start` samples of this rank's
+    order for the epoch are skipped, so a run resumed from a mid-epoch checkpoint sees exactly
+    the batches the interrupted run had left."""
+
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
 def make_loader(dataset, batch_size: int, train: bool, num_workers: int, seed: int, dist: DistInfo):
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=train, seed=seed,
-                                 drop_last=train)
+    sampler = ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=train, seed=seed,
+                               drop_last=train)
     # the loader's own generator keeps worker seeding off the global RNG, so evaluation
     # between epochs cannot change what training draws next (exact resume)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
@@ -103,32 +117,42 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration,
+                "step_in_epoch": self.state.step_in_epoch,
                 "config": to_dict(self.cfg), "rng": all_gather_objects(ckpt.rng_state())}
 
     def save(self) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(state, self.out / ckpt.LAST)
+            path = ckpt.save_numbered(state, self.out, self.state.iteration,
+                                      self.cfg.train.keep_checkpoints)
             save_config(self.cfg, self.out / "config.yaml")
             log.info("saved %s (epoch %d, iteration %d)", path, self.state.epoch, self.state.iteration)
         barrier()
 
-    def resume(self, path: str | Path, weights_only: bool = False) -> None:
-        state = ckpt.load_checkpoint(path)
+    def resume_latest(self, weights_only: bool = False) -> bool:
+        """Resume from the newest readable checkpoint of output_dir; False when there is none."""
+        found = ckpt.load_latest(self.out)
+        if found is not None:
+            self.resume(*found, weights_only=weights_only)
+        return found is not None
+
+    def resume(self, path: str | Path, state: dict | None = None, weights_only: bool = False) -> None:
+        state = state if state is not None else ckpt.load_checkpoint(path)
         ckpt.load_model_state(self.model, state["model"], str(path))
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(state["epoch"], state["iteration"])
+        self.state = TrainState(state["epoch"], state["iteration"], state.get("step_in_epoch", 0))
         rngs = state.get("rng", [])
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])
         else:
             log.warning("%s: saved with %d processes, running with %d: RNG states not restored",
                         path, len(rngs), self.dist.world_size)
-        log.info("resumed from %s at epoch %d, iteration %d", path, self.state.epoch, self.state.iteration)
+        log.info("resumed from %s at epoch %d (step %d), iteration %d", path, self.state.epoch,
+                 self.state.step_in_epoch, self.state.iteration)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
@@ -158,19 +182,28 @@ class Trainer:
         while self.state.epoch < cfg.epochs:
             if cfg.max_iters and self.state.iteration >= cfg.max_iters:
                 break
-            self.train_loader.sampler.set_epoch(self.state.epoch)
+            sampler = self.train_loader.sampler
+            sampler.set_epoch(self.state.epoch)
+            sampler.start = self.state.step_in_epoch * cfg.batch_size
             self.train_set.set_epoch(self.state.epoch)
             means = train_one_epoch(self.ddp, self.train_loader, self.optimizer, self.scaler, cfg,
-                                    self.state, self.run_logger, self.dist.device, self.dist.is_main)
+                                    self.state, self.run_logger, self.dist.device, self.dist.is_main,
+                                    self._after_step)
             self.run_logger.scalars("train_epoch", means, self.state.iteration, epoch=self.state.epoch)
             self.scheduler.step()
             self.state.epoch += 1
+            self.state.step_in_epoch = 0
             last = self.state.epoch >= cfg.epochs or (cfg.max_iters and self.state.iteration >= cfg.max_iters)
             if last or self.state.epoch % cfg.checkpoint_every == 0:
                 self.save()
             if last or self.state.epoch % cfg.eval_every == 0:
                 stats = self.evaluate()
         return stats
+
+    def _after_step(self) -> None:
+        every = self.cfg.train.checkpoint_every_iters
+        if every and self.state.iteration % every == 0:
+            self.save()
 
     def close(self) -> None:
         self.run_logger.close()

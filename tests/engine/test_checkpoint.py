@@ -54,3 +54,30 @@ def test_load_model_state_names_keys():
     state = {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}
     with pytest.raises(RuntimeError, match=r"missing keys \['bias'\].*unexpected keys \['extra'\]"):
         ckpt.load_model_state(model, state, "x.pth")
+
+
+def test_numbered_checkpoints_keep_the_newest_and_link_the_last(tmp_path):
+    for it in (5, 10, 15):
+        ckpt.save_numbered({"iteration": it}, tmp_path, it, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(15),
+                                                                 ckpt.checkpoint_name(10)]
+    assert (tmp_path / ckpt.LAST).resolve().name == ckpt.checkpoint_name(15)
+    assert ckpt.load_checkpoint(tmp_path / ckpt.LAST)["iteration"] == 15
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*link"))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    for it in (10, 20):
+        ckpt.save_numbered({"iteration": it, "w": torch.arange(1000.0)}, tmp_path, it, keep=3)
+    newest = tmp_path / ckpt.checkpoint_name(20)
+    newest.write_bytes(newest.read_bytes()[:100])
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == ckpt.checkpoint_name(10) and state["iteration"] == 10
+    assert "falling back" in caplog.text and newest.name in caplog.text
+
+
+def test_no_readable_checkpoint_is_an_error_and_none_is_none(tmp_path):
+    assert ckpt.load_latest(tmp_path) is None
+    (tmp_path / ckpt.checkpoint_name(3)).write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        ckpt.load_latest(tmp_path)

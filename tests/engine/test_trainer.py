@@ -41,6 +41,35 @@ def test_resume_equals_uninterrupted_run(tiny_coco, tmp_path):
         t.close()
 
 
+def test_crash_after_a_mid_epoch_checkpoint_resumes_to_the_uninterrupted_result(tiny_coco, tmp_path):
+    # 8 images, batch 2: 4 iterations per epoch; checkpoints at iterations 2, 4, 6; the crash
+    # comes during iteration 7, so the newest checkpoint is 2 steps into epoch 1
+    opts = {"train.epochs": 2, "train.checkpoint_every_iters": 2, "train.keep_checkpoints": 5}
+    straight = _trainer(tiny_coco, tmp_path / "a", **opts)
+    straight.train()
+    crashing = _trainer(tiny_coco, tmp_path / "b", **opts)
+    forward, calls = crashing.model.criterion.forward, []
+
+    def crash_on_the_seventh(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        return forward(*args)
+
+    crashing.model.criterion.forward = crash_on_the_seventh
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    resumed = _trainer(tiny_coco, tmp_path / "b", **opts)
+    assert resumed.resume_latest()
+    assert (resumed.state.epoch, resumed.state.step_in_epoch, resumed.state.iteration) == (1, 2, 6)
+    resumed.train()
+    assert resumed.state.iteration == straight.state.iteration == 8
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    for t in (straight, crashing, resumed):
+        t.close()
+
+
 def test_non_finite_loss_stops_with_names_and_keeps_checkpoint(tiny_coco, tmp_path):
     first = _trainer(tiny_coco, tmp_path, **{"train.epochs": 1})
     first.train()
