@@ -72,6 +72,10 @@ CORES=$(nproc)
 # one process per core slice: oversubscribed threads make CPU training slower, not faster
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}"
 
+# after a failure torchrun restarts the workers; with the rendezvous store shared with them
+# (the default), the restarted workers read the dead ones' addresses and cannot connect
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 RUN=(--nproc-per-node "$NPROC_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}")
 if [ "$NNODES" = 1 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
     RUN+=(--standalone)

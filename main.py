@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from engine.config import ConfigError, load_config
@@ -37,6 +38,8 @@ def main(argv=None) -> dict:
         sys.exit(f"config error: {e}")
     dist = init_distributed(cfg.device)
     log = setup_logging(cfg.output_dir, dist.is_main)
+    log.info("world size %d (%d per node), device %s", dist.world_size,
+             int(os.environ.get("LOCAL_WORLD_SIZE", 1)), dist.device)
     try:
         trainer = Trainer(cfg, dist, eval_only=args.eval)
         if args.resume:

@@ -1,0 +1,84 @@
+"""launch.sh and torchrun end to end: two rendezvous "nodes" on this machine, and a worker
+killed with SIGKILL whose group torchrun restarts from the last checkpoint."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from helpers import REPO, tiny_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _model(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_two_nodes_rendezvous_over_localhost_and_train_together(tiny_coco, tmp_path):
+    out = tmp_path / "run"
+    opts = tiny_overrides(tiny_coco, out, **{"train.epochs": 1})
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        ["bash", str(REPO / "launch.sh"), "--config", str(REPO / "configs/detr_r50.yaml"), "--opts", *opts],
+        cwd=tmp_path, env=_env(NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                               RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="two_nodes"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    text = (out / "log.txt").read_text()
+    assert "world size 2" in text, text[-2000:]
+    # 8 images over 2 processes x batch 2: 2 iterations
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
+
+
+def _train(tiny_coco, out, restarts: int):
+    # batch 1 on 2 processes: 4 iterations per epoch, so the checkpoint at iteration 3 is
+    # mid-epoch and the restarted run must skip the batches already done
+    opts = tiny_overrides(tiny_coco, out, **{"train.epochs": 4, "train.batch_size": 1,
+                                             "train.checkpoint_every_iters": 3, "train.eval_every": 100})
+    cmd = ["bash", str(REPO / "launch.sh"), "--max-restarts", str(restarts),
+           "--config", str(REPO / "configs/detr_r50.yaml"), "--opts", *opts]
+    return subprocess.Popen(cmd, cwd=out.parent, env=_env(NPROC_PER_NODE="2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_worker_killed_after_a_checkpoint_restarts_and_ends_like_an_uninterrupted_run(tiny_coco, tmp_path):
+    straight = _train(tiny_coco, tmp_path / "straight", restarts=0)
+    log = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, log[-3000:]
+
+    out = tmp_path / "killed"
+    run = _train(tiny_coco, out, restarts=1)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoint_*.pth")):  # the first checkpoint, at iteration 3
+        assert run.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    # launch.sh execs torchrun, whose children are the workers
+    workers = [w for w in _children(run.pid) if "main.py" in open(f"/proc/{w}/cmdline").read()]
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    log = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, log[-3000:]
+    text = (out / "log.txt").read_text()
+    # resumed mid-epoch (normally from iteration 3; a slow machine may get further first)
+    assert re.search(r"resumed from .* at epoch \d+ \(step [1-9]", text), text[-2000:]
+    a, b = _model(tmp_path / "straight" / "checkpoint.pth"), _model(out / "checkpoint.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
