@@ -106,6 +106,9 @@ class TrainConfig:
     lr_drops: list[int] = field(default_factory=lambda: [200])  # epochs where lr *= 0.1
     clip_max_norm: float = 0.1
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    # recompute these parts' activations in the backward pass: backbone, encoder, decoder
+    activation_checkpointing: list[str] = field(default_factory=list)
+    shard_optimizer: bool = False  # fairscale OSS: optimizer state split over the ranks
     seed: int = 42
     # stop after this many iterations in total (quick runs and tests; an epoch cut short
     # counts as done); 0 = no limit

@@ -1,5 +1,6 @@
 """Optimizer and schedule: AdamW with a backbone learning rate (0 freezes it) and optional
-per-name multipliers, a step schedule over epochs."""
+per-name multipliers, optionally sharded over the ranks (fairscale OSS); a step schedule
+over epochs."""
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,41 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
 
 
 def build_optimizer(model: nn.Module, train_cfg, backbone_lr: float) -> torch.optim.Optimizer:
+    """AdamW; with train_cfg.shard_optimizer each rank keeps the optimizer state of its share
+    of the parameters only (ZeRO stage 1) and broadcasts them after its step."""
     groups = param_groups(model, train_cfg.lr, backbone_lr, train_cfg.weight_decay)
+    if train_cfg.shard_optimizer and torch.distributed.is_initialized():  # one process: no shards
+        from fairscale.optim import OSS
+
+        return OSS(groups, optim=torch.optim.AdamW, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, is_main: bool) -> dict:
+    """The full optimizer state for a checkpoint (on the main rank; {} elsewhere). A sharded
+    optimizer first gathers its shards, which every rank must join."""
+    if hasattr(optimizer, "consolidate_state_dict"):
+        optimizer.consolidate_state_dict(recipient_rank=0)
+        return optimizer.state_dict() if is_main else {}
+    return optimizer.state_dict()
+
+
+def checkpoint_activations(model: nn.Module, parts: list[str]) -> None:
+    """Recompute the activations of `parts` ("backbone", "encoder", "decoder", as named in
+    model.parts) in the backward pass instead of storing them: each block (backbone stage,
+    transformer layer) is wrapped with fairscale's checkpoint_wrapper."""
+    if not parts:
+        return
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+
+    for part in parts:
+        if part not in model.parts:
+            raise ValueError(f"train.activation_checkpointing: unknown part '{part}' "
+                             f"({' | '.join(model.parts)})")
+        module = model.get_submodule(model.parts[part])
+        blocks = module.stages if hasattr(module, "stages") else module
+        for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
+            checkpoint_wrapper(block)
 
 
 def build_scheduler(optimizer, train_cfg):

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import save_config, to_dict
 from .distributed import DistInfo, all_gather_objects, barrier
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, checkpoint_activations, optimizer_state
 from .train import TrainState, evaluate, train_one_epoch
 from .visualize import denormalize, draw_detections
 
@@ -94,6 +94,7 @@ class Trainer:
         num_classes = cfg.model.num_classes or (self.train_set or self.val_set).num_classes
         self.class_names = list(self.val_set.cat_names)
         self.model = build_model(cfg.model, num_classes).to(dist.device)
+        checkpoint_activations(self.model, list(cfg.train.activation_checkpointing))
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         fp16 = cfg.train.amp == "fp16" and dist.device.type == "cuda"
@@ -114,7 +115,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.model.state_dict(),
+                "optimizer": optimizer_state(self.optimizer, self.dist.is_main),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration,
                 "step_in_epoch": self.state.step_in_epoch,

@@ -1,7 +1,9 @@
-"""GFLOPs (by model part), median latency and peak memory of a forward pass.
+"""GFLOPs (by model part), median latency and peak memory of a forward pass; or, with
+--train, training throughput for 1 and 2 processes (one thread each) and the scaling.
 
     python tools/benchmark.py --config configs/detr_r50.yaml configs/detr_r50_dc5.yaml \
         --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--json] [--opts k=v ...]
+    python tools/benchmark.py --train --config configs/detr_r18_synthetic.yaml [--processes 1 2]
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -9,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr_sparse import build_model  # noqa: E402
 from detr_sparse.image_batch import ImageBatch  # noqa: E402
-from engine.benchmark import count_flops, measure_latency, peak_memory  # noqa: E402
+from engine.benchmark import count_flops, measure_latency, peak_memory, train_images_per_second  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
@@ -69,6 +74,44 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join(cells))
 
 
+def train_worker(args) -> None:
+    """One torchrun worker of --train: trains, then rank 0 prints every rank's images/s."""
+    from engine.distributed import all_gather_objects, cleanup, init_distributed
+    from engine.trainer import Trainer
+
+    cfg = load_config(args.config[0], [*args.opts, f"train.max_iters={args.warmup + args.iters}"])
+    dist = init_distributed(cfg.device)
+    rates = all_gather_objects(train_images_per_second(Trainer(cfg, dist), args.iters, args.warmup))
+    if dist.is_main:
+        print("THROUGHPUT " + json.dumps(rates))
+    cleanup()
+
+
+def train_scaling(args) -> list[dict]:
+    """Runs the training benchmark under torchrun for each process count, one thread each."""
+    rows = []
+    for n in args.processes:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                   __file__, "--train-worker", "--config", args.config[0], "--iters", str(args.iters),
+                   "--warmup", str(args.warmup), "--opts", *args.opts, f"output_dir={out}"]
+            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("THROUGHPUT ")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"training benchmark with {n} processes failed:\n{done.stderr[-3000:]}")
+        rates = json.loads(lines[-1].split(" ", 1)[1])
+        rows.append({"config": args.config[0], "processes": n, "images_per_s_per_process": rates,
+                     "images_per_s": sum(rates)})
+    base = rows[0]["images_per_s"] / rows[0]["processes"]
+    print("processes | images/s per process | images/s total | x one process | scaling efficiency")
+    for r in rows:
+        r["speedup"] = r["images_per_s"] / rows[0]["images_per_s"]
+        r["efficiency"] = r["images_per_s"] / (base * r["processes"])
+        per = ", ".join(f"{v:.2f}" for v in r["images_per_s_per_process"])
+        print(f"{r['processes']} | {per} | {r['images_per_s']:.2f} | {r['speedup']:.2f} | {r['efficiency']:.2f}")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", required=True)
@@ -82,7 +125,19 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")
+    p.add_argument("--train", action="store_true", help="training throughput instead (first config)")
+    p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--iters", type=int, default=30, help="--train: timed iterations")
+    p.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.train_worker:
+        return train_worker(args)
+    if args.train:
+        rows = train_scaling(args)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+        return rows
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [measure(c, args) for c in args.config]

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from helpers import REPO, TINY_MODEL
+from helpers import REPO, TINY_MODEL, tiny_overrides
 from engine.benchmark import count_flops
 from tools import benchmark
 
@@ -37,3 +37,14 @@ def test_attention_matmuls_are_counted_as_multiply_adds():
     projections = 4 * n * d * d  # q, k, v and output projections
     attention = 2 * n * n * d  # q @ k^T and weights @ v
     assert abs(total * 1e9 - (projections + attention)) < 1
+
+
+def test_training_throughput_for_one_and_two_processes(tiny_coco, tmp_path, capsys):
+    opts = tiny_overrides(tiny_coco, tmp_path, **{"train.batch_size": 1})
+    rows = benchmark.main(["--train", "--config", str(REPO / "configs/detr_r50.yaml"), "--iters", "3",
+                           "--warmup", "1", "--json", "--opts", *opts])
+    assert [r["processes"] for r in rows] == [1, 2]
+    assert [len(r["images_per_s_per_process"]) for r in rows] == [1, 2]
+    assert all(v > 0 for r in rows for v in r["images_per_s_per_process"])
+    assert rows[1]["efficiency"] == rows[1]["images_per_s"] / (2 * rows[0]["images_per_s"])
+    assert "scaling efficiency" in capsys.readouterr().out
