@@ -109,6 +109,7 @@ class TrainConfig:
     # recompute these parts' activations in the backward pass: backbone, encoder, decoder
     activation_checkpointing: list[str] = field(default_factory=list)
     shard_optimizer: bool = False  # fairscale OSS: optimizer state split over the ranks
+    grad_compression: str = "none"  # none | bf16 | fp16: gradients all-reduced in half precision
     seed: int = 42
     # stop after this many iterations in total (quick runs and tests; an epoch cut short
     # counts as done); 0 = no limit

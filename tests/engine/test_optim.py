@@ -89,3 +89,17 @@ def test_sharded_optimizer_gives_the_same_losses_and_resumes(tiny_coco, tmp_path
     assert len(_losses(runs["plain"])) == 6
     assert _losses(runs["plain"]) == pytest.approx(_losses(runs["sharded"]), rel=1e-5)
     assert _same(_model(runs["plain"]), _model(runs["sharded"]))
+
+
+def test_bf16_gradient_compression_stays_close_to_the_plain_run(tiny_coco, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2"}
+    losses = {}
+    for mode in ("none", "bf16"):
+        out = tmp_path / mode
+        opts = tiny_overrides(tiny_coco, out, **{"train.epochs": 2, "train.grad_compression": mode})
+        subprocess.run(["bash", str(REPO / "launch.sh"), "--config", str(REPO / "configs/detr_r50.yaml"),
+                        "--opts", *opts], cwd=tmp_path, env=env, check=True, timeout=300)
+        losses[mode] = _losses(out)
+    assert losses["none"][0] == losses["bf16"][0]  # the first forward precedes any reduction
+    assert losses["none"] == pytest.approx(losses["bf16"], rel=2e-2)
+    assert losses["none"] != losses["bf16"]  # the hook did act on the gradients
