@@ -87,21 +87,32 @@ def train_worker(args) -> None:
     cleanup()
 
 
+def _train_run(args, n: int) -> list[float]:
+    """images/s of each of n torchrun processes (one thread each)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               __file__, "--train-worker", "--config", args.config[0], "--iters", str(args.iters),
+               "--warmup", str(args.warmup), "--opts", *args.opts, f"output_dir={out}"]
+        done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("THROUGHPUT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"training benchmark with {n} processes failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
 def train_scaling(args) -> list[dict]:
-    """Runs the training benchmark under torchrun for each process count, one thread each."""
+    """The training benchmark under torchrun for each process count, one thread each; with
+    --repeats, the process counts alternate and the run with the median total is kept, so a
+    burst of background load cannot favour one of them."""
+    runs = {n: [] for n in args.processes}
+    for _ in range(args.repeats):
+        for n in args.processes:
+            runs[n].append(_train_run(args, n))
     rows = []
-    for n in args.processes:
-        with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                   __file__, "--train-worker", "--config", args.config[0], "--iters", str(args.iters),
-                   "--warmup", str(args.warmup), "--opts", *args.opts, f"output_dir={out}"]
-            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-        lines = [x for x in done.stdout.splitlines() if x.startswith("THROUGHPUT ")]
-        if done.returncode or not lines:
-            raise RuntimeError(f"training benchmark with {n} processes failed:\n{done.stderr[-3000:]}")
-        rates = json.loads(lines[-1].split(" ", 1)[1])
+    for n, measured in runs.items():
+        rates = sorted(measured, key=sum)[len(measured) // 2]
         rows.append({"config": args.config[0], "processes": n, "images_per_s_per_process": rates,
-                     "images_per_s": sum(rates)})
+                     "images_per_s": sum(rates), "repeats": [round(sum(r), 2) for r in measured]})
     base = rows[0]["images_per_s"] / rows[0]["processes"]
     print("processes | images/s per process | images/s total | x one process | scaling efficiency")
     for r in rows:
@@ -127,7 +138,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")
     p.add_argument("--train", action="store_true", help="training throughput instead (first config)")
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--iters", type=int, default=30, help="--train: timed iterations")
+    p.add_argument("--iters", type=int, default=80, help="--train: timed iterations")
+    p.add_argument("--repeats", type=int, default=3, help="--train: runs per process count (median kept)")
     p.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.train_worker:
