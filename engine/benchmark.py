@@ -113,16 +113,12 @@ def peak_memory(device: torch.device):
 def train_images_per_second(trainer, iters: int, warmup: int) -> float:
     """This process's training throughput: images per second over `iters` optimizer steps
     after `warmup` untimed ones (the config's train.max_iters must allow warmup + iters)."""
-    from .train import train_one_epoch
-
     stamps: list[float] = []
     cfg = trainer.cfg.train
     if cfg.max_iters < warmup + iters:
         raise ValueError(f"train.max_iters={cfg.max_iters} < warmup + iters = {warmup + iters}")
     while trainer.state.iteration < warmup + iters:
-        trainer.train_loader.sampler.set_epoch(trainer.state.epoch)
-        train_one_epoch(trainer.ddp, trainer.train_loader, trainer.optimizer, trainer.scaler, cfg,
-                        trainer.state, trainer.run_logger, trainer.dist.device, False,
-                        lambda: stamps.append(time.perf_counter()))
+        trainer.train_epoch(lambda: stamps.append(time.perf_counter()))
         trainer.state.epoch += 1
+        trainer.state.step_in_epoch = 0
     return iters * cfg.batch_size / (stamps[warmup + iters - 1] - stamps[warmup - 1])

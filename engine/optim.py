@@ -49,23 +49,5 @@ def optimizer_state(optimizer: torch.optim.Optimizer, is_main: bool) -> dict:
     return optimizer.state_dict()
 
 
-def checkpoint_activations(model: nn.Module, parts: list[str]) -> None:
-    """Recompute the activations of `parts` ("backbone", "encoder", "decoder", as named in
-    model.parts) in the backward pass instead of storing them: each block (backbone stage,
-    transformer layer) is wrapped with fairscale's checkpoint_wrapper."""
-    if not parts:
-        return
-    from fairscale.nn.checkpoint import checkpoint_wrapper
-
-    for part in parts:
-        if part not in model.parts:
-            raise ValueError(f"train.activation_checkpointing: unknown part '{part}' "
-                             f"({' | '.join(model.parts)})")
-        module = model.get_submodule(model.parts[part])
-        blocks = module.stages if hasattr(module, "stages") else module
-        for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
-            checkpoint_wrapper(block)
-
-
 def build_scheduler(optimizer, train_cfg):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(train_cfg.lr_drops), gamma=0.1)

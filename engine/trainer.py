@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datasets import build_dataset, collate_fn
@@ -20,7 +19,8 @@ from . import checkpoint as ckpt
 from .config import save_config, to_dict
 from .distributed import DistInfo, all_gather_objects, barrier
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler, checkpoint_activations, optimizer_state
+from .optim import build_optimizer, build_scheduler, optimizer_state
+from .scale import checkpoint_activations, wrap_ddp
 from .train import TrainState, evaluate, train_one_epoch
 from .visualize import denormalize, draw_detections
 
@@ -81,24 +81,6 @@ def make_loader(dataset, batch_size: int, train: bool, num_workers: int, seed: i
                       num_workers=num_workers, collate_fn=collate_fn,
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed),
                       pin_memory=dist.device.type == "cuda")
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device, grad_compression: str = "none"):
-    """DDP whose gradients are reduced in place in their buckets (no extra copy). Buffers are
-    broadcast from rank 0 before each forward only when training changes them (batch norm
-    statistics); "bf16" / "fp16" halve the bytes of the gradient all-reduce."""
-    trained_buffers = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                          for m in model.modules())
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=trained_buffers, gradient_as_bucket_view=True)
-    if grad_compression != "none":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
-        if grad_compression not in hooks:
-            raise ValueError(f"train.grad_compression: unknown '{grad_compression}' (none | bf16 | fp16)")
-        ddp.register_comm_hook(None, hooks[grad_compression])
-    return ddp
 
 
 class Trainer:
@@ -201,13 +183,7 @@ class Trainer:
         while self.state.epoch < cfg.epochs:
             if cfg.max_iters and self.state.iteration >= cfg.max_iters:
                 break
-            sampler = self.train_loader.sampler
-            sampler.set_epoch(self.state.epoch)
-            sampler.start = self.state.step_in_epoch * cfg.batch_size
-            self.train_set.set_epoch(self.state.epoch)
-            means = train_one_epoch(self.ddp, self.train_loader, self.optimizer, self.scaler, cfg,
-                                    self.state, self.run_logger, self.dist.device, self.dist.is_main,
-                                    self._after_step)
+            means = self.train_epoch(self._after_step)
             self.run_logger.scalars("train_epoch", means, self.state.iteration, epoch=self.state.epoch)
             self.scheduler.step()
             self.state.epoch += 1
@@ -218,6 +194,16 @@ class Trainer:
             if last or self.state.epoch % cfg.eval_every == 0:
                 stats = self.evaluate()
         return stats
+
+    def train_epoch(self, after_step=None) -> dict[str, float]:
+        """Run the current epoch from where it stands (a resumed one skips its done steps);
+        the caller advances the epoch."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(self.state.epoch)
+        sampler.start = self.state.step_in_epoch * self.cfg.train.batch_size
+        self.train_set.set_epoch(self.state.epoch)
+        return train_one_epoch(self.ddp, self.train_loader, self.optimizer, self.scaler, self.cfg.train,
+                               self.state, self.run_logger, self.dist.device, self.dist.is_main, after_step)
 
     def _after_step(self) -> None:
         every = self.cfg.train.checkpoint_every_iters

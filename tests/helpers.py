@@ -1,5 +1,8 @@
 """Shared test constants and config overrides (fixtures live in conftest.py)."""
+import json
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,3 +20,14 @@ def tiny_overrides(data_root, output_dir, **extra) -> list[str]:
         "data.val_size=80", "data.num_workers=0", "train.batch_size=2", "eval.batch_size=2",
         "train.log_every=1", "train.lr=1e-4", "device=cpu"]
     return opts + [f"{k}={v}" for k, v in extra.items()]
+
+
+def train_losses(out) -> list[float]:
+    """The loss of every logged training step of a run (log.jsonl)."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def checkpoint_model(out) -> dict:
+    """The model weights of a run's newest checkpoint."""
+    return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]

@@ -5,12 +5,11 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import torch
 
-from helpers import REPO, tiny_overrides
+from helpers import REPO, checkpoint_model, tiny_overrides
 
 
 def _free_port() -> int:
@@ -21,10 +20,6 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
-def _model(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_two_nodes_rendezvous_over_localhost_and_train_together(tiny_coco, tmp_path):
@@ -80,5 +75,5 @@ def test_worker_killed_after_a_checkpoint_restarts_and_ends_like_an_uninterrupte
     text = (out / "log.txt").read_text()
     # resumed mid-epoch (normally from iteration 3; a slow machine may get further first)
     assert re.search(r"resumed from .* at epoch \d+ \(step [1-9]", text), text[-2000:]
-    a, b = _model(tmp_path / "straight" / "checkpoint.pth"), _model(out / "checkpoint.pth")
+    a, b = checkpoint_model(tmp_path / "straight"), checkpoint_model(out)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

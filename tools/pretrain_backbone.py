@@ -70,11 +70,6 @@ def dense_labels(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int]
     return out
 
 
-def _one_cycle(model, lr: float, total_steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total_steps)
-
-
 def train_dense(model, dataset, cfg, epochs: int, batch: int, lr: float) -> None:
     k = dataset.num_classes
     # background covers most cells; down-weighting it keeps the object classes in view
@@ -83,7 +78,8 @@ def train_dense(model, dataset, cfg, epochs: int, batch: int, lr: float) -> None
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    optimizer, scheduler = _one_cycle(model, lr, epochs * len(loader))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * len(loader))
     start = time.perf_counter()
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
