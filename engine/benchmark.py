@@ -9,6 +9,7 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
@@ -31,10 +32,18 @@ def _register_cpu_attention_flops() -> None:
 _register_cpu_attention_flops()
 
 
+class FlopCount(NamedTuple):
+    """GFLOPs of one forward pass: in total, by model part (with the remainder as "other")
+    and by operator (e.g. "aten.convolution", "detr_sparse.msda_forward")."""
+    total: float
+    by_part: dict[str, float]
+    by_op: dict[str, float]
+
+
 @torch.no_grad()
-def count_flops(model: torch.nn.Module, inputs, parts: dict[str, str] | None = None):
-    """Run model(inputs) once under the counter. Returns (total GFLOPs, {part: GFLOPs}) where
-    parts maps a part name to a module-name prefix; the remainder is reported as "other"."""
+def count_flops(model: torch.nn.Module, inputs, parts: dict[str, str] | None = None) -> FlopCount:
+    """Run model(inputs) once under the counter; `parts` maps a part name to a module-name
+    prefix."""
     counter = FlopCounterMode(display=False)
     with counter:
         model(inputs)
@@ -46,7 +55,8 @@ def count_flops(model: torch.nn.Module, inputs, parts: dict[str, str] | None = N
         by_part[part] = _module_flops(counts, f"{root}.{prefix}") / 2e9
     if by_part:
         by_part["other"] = total - sum(by_part.values())
-    return total, by_part
+    by_op = {str(op): n / 2e9 for op, n in counts.get("Global", {}).items()}
+    return FlopCount(total, by_part, by_op)
 
 
 def _module_flops(counts: dict, name: str) -> int:
@@ -59,20 +69,25 @@ def _module_flops(counts: dict, name: str) -> int:
                if key.startswith(name + ".") and key.count(".") == depth)
 
 
-@torch.no_grad()
-def measure_latency(model: torch.nn.Module, inputs, runs: int = 3, warmup: int = 1) -> float:
-    """Median wall-clock seconds of model(inputs) after `warmup` untimed runs."""
+def time_call(fn, runs: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of fn() after `warmup` untimed calls."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        model(inputs)
+        fn()
     times = []
     for _ in range(runs):
         sync()
         start = time.perf_counter()
-        model(inputs)
+        fn()
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, inputs, runs: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of model(inputs) after `warmup` untimed runs."""
+    return time_call(lambda: model(inputs), runs, warmup)
 
 
 def _rss_bytes() -> int:

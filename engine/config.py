@@ -28,6 +28,7 @@ class BackboneConfig:
     # stages without gradient: 0 none, 1 stem, 2 stem + res2 (DETR), 3 up to res3, ...;
     # -1: 2 with frozen_bn, 0 with a trainable norm
     freeze_at: int = -1
+    drop_path_rate: float = 0.0  # stochastic depth of transformer backbones (Swin)
 
 
 @dataclass
@@ -39,6 +40,10 @@ class TransformerConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     pre_norm: bool = False
+    # deformable transformer (Deformable DETR family)
+    num_feature_levels: int = 4  # backbone maps + extra stride-2 convolutions on the last
+    enc_n_points: int = 4  # sampling points per head and level
+    dec_n_points: int = 4
 
 
 @dataclass
@@ -50,7 +55,8 @@ class LossConfig:
     cls_weight: float = 1.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
-    eos_coef: float = 0.1  # relative weight of the no-object class
+    eos_coef: float = 0.1  # relative weight of the no-object class (softmax classifiers)
+    focal_alpha: float = 0.25  # sigmoid focal loss (Deformable DETR family)
 
 
 @dataclass
@@ -58,6 +64,8 @@ class ModelConfig:
     name: str = "detr"
     num_classes: int = 0  # 0: taken from the training set's categories
     num_queries: int = 100
+    with_box_refine: bool = False  # Deformable DETR: each decoder layer refines the boxes
+    two_stage: bool = False  # Deformable DETR: encoder proposals, top-k as decoder queries
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -108,6 +116,9 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
     # recompute these parts' activations in the backward pass: backbone, encoder, decoder
     activation_checkpointing: list[str] = field(default_factory=list)
+    # parameters whose name contains a key get lr * factor (Deformable DETR: 0.1 for
+    # sampling_offsets and reference_points)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     shard_optimizer: bool = False  # fairscale OSS: optimizer state split over the ranks
     grad_compression: str = "none"  # none | bf16 | fp16: gradients all-reduced in half precision
     seed: int = 42

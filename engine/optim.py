@@ -32,7 +32,8 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
 def build_optimizer(model: nn.Module, train_cfg, backbone_lr: float) -> torch.optim.Optimizer:
     """AdamW; with train_cfg.shard_optimizer each rank keeps the optimizer state of its share
     of the parameters only (ZeRO stage 1) and broadcasts them after its step."""
-    groups = param_groups(model, train_cfg.lr, backbone_lr, train_cfg.weight_decay)
+    groups = param_groups(model, train_cfg.lr, backbone_lr, train_cfg.weight_decay,
+                          dict(train_cfg.lr_multipliers))
     if train_cfg.shard_optimizer and torch.distributed.is_initialized():  # one process: no shards
         from fairscale.optim import OSS
 

@@ -4,6 +4,7 @@
     python tools/benchmark.py --config configs/detr_r50.yaml configs/detr_r50_dc5.yaml \
         --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--json] [--opts k=v ...]
     python tools/benchmark.py --train --config configs/detr_r18_synthetic.yaml [--processes 1 2]
+    python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -52,22 +53,26 @@ def measure(cfg_path: str, args) -> dict:
     if args.checkpoint:
         load_model_state(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint)
     inputs = make_input(tuple(args.size), args.batch, args.image, device)
-    gflops, by_part = count_flops(model, inputs, getattr(model, "parts", None))
+    flops = count_flops(model, inputs, getattr(model, "parts", None))
+    # the deformable attention's sampling, counted by its operator's formula (the reference
+    # tables' counter leaves grid_sample out, so totals minus this compare with them)
+    sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
     with peak_memory(device) as mem:
         latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
     return {"config": cfg_path, "size": list(args.size), "batch": args.batch,
-            "gflops": round(gflops, 6), "gflops_by_part": {k: round(v, 6) for k, v in by_part.items()},
+            "gflops": round(flops.total, 6), "gflops_deform_sampling": round(sampling, 6),
+            "gflops_by_part": {k: round(v, 6) for k, v in flops.by_part.items()},
             "latency_s": round(latency, 4), "peak_mem_mb": round(mem["mb"], 1),
             "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def print_table(rows: list[dict]) -> None:
     parts = sorted({p for r in rows for p in r["gflops_by_part"]})
-    head = ["config", "GFLOPs", *parts, "latency s", "peak MB", "x GFLOPs", "x latency"]
+    head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "peak MB", "x GFLOPs", "x latency"]
     print(" | ".join(head))
     base = rows[0]
     for r in rows:
-        cells = [Path(r["config"]).stem, f"{r['gflops']:.1f}",
+        cells = [Path(r["config"]).stem, f"{r['gflops']:.1f}", f"{r['gflops'] - r['gflops_deform_sampling']:.1f}",
                  *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
                  f"{r['latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
                  f"{r['gflops'] / base['gflops']:.3f}", f"{r['latency_s'] / base['latency_s']:.3f}"]
@@ -123,9 +128,53 @@ def train_scaling(args) -> list[dict]:
     return rows
 
 
+def msda_inputs(size: tuple[int, int], batch: int, d_model: int = 256, heads: int = 8,
+                points: int = 4, strides=(8, 16, 32, 64)) -> tuple:
+    """The deformable encoder's sampling inputs for one image size: every token of 4 levels
+    queries 8 heads x 4 levels x 4 points around itself."""
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[-(-size[0] // s), -(-size[1] // s)] for s in strides])
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    n, levels = int(sizes.sum()), len(strides)
+    value = torch.randn(batch, n, heads, d_model // heads, generator=g)
+    locations = torch.rand(batch, n, heads, levels, points, 2, generator=g) * 1.1 - 0.05
+    weights = torch.randn(batch, n, heads, levels * points, generator=g).softmax(-1)
+    return value, shapes, starts, locations, weights.view(batch, n, heads, levels, points)
+
+
+def msda_component(args) -> list[dict]:
+    """Median seconds of the deformable attention's sampling, fast kernel vs the grid_sample
+    reference (plain autograd), forward and forward + backward, batches 1 and 2."""
+    from engine.benchmark import time_call
+    from detr_sparse.transformers.msda_ops import grid_sample_core, msda_fast
+
+    rows = []
+    print("batch | queries | forward fast / reference s | x | forward+backward fast / reference s | x")
+    for batch in (1, 2):
+        value, shapes, starts, locations, weights = msda_inputs(tuple(args.size), batch)
+        row = {"component": "msda", "size": list(args.size), "batch": batch, "queries": value.shape[1]}
+        for name, core in (("fast", msda_fast), ("reference", grid_sample_core)):
+            with torch.no_grad():
+                row[f"forward_{name}_s"] = time_call(
+                    lambda: core(value, shapes, starts, locations, weights), args.runs, args.warmup)
+            leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+            row[f"train_{name}_s"] = time_call(
+                lambda: core(leaves[0], shapes, starts, *leaves[1:]).sum().backward(), args.runs, args.warmup)
+        row["forward_speedup"] = row["forward_reference_s"] / row["forward_fast_s"]
+        row["train_speedup"] = row["train_reference_s"] / row["train_fast_s"]
+        rows.append(row)
+        print(f"{batch} | {row['queries']} | {row['forward_fast_s']:.3f} / {row['forward_reference_s']:.3f} | "
+              f"{row['forward_speedup']:.2f} | {row['train_fast_s']:.3f} / {row['train_reference_s']:.3f} | "
+              f"{row['train_speedup']:.2f}")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", required=True)
+    p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
+    p.add_argument("--component", choices=["msda"], help="time one component instead: msda = "
+                   "deformable attention sampling, fast kernel vs grid_sample reference")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
@@ -142,18 +191,19 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3, help="--train: runs per process count (median kept)")
     p.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.train_worker:
-        return train_worker(args)
-    if args.train:
-        rows = train_scaling(args)
-        if args.json:
-            for r in rows:
-                print(json.dumps(r))
-        return rows
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(c, args) for c in args.config]
-    print_table(rows)
+    if args.train_worker:
+        return train_worker(args)
+    if args.component:
+        rows = msda_component(args)
+    elif not args.config:
+        p.error("--config is required (unless --component)")
+    elif args.train:
+        rows = train_scaling(args)
+    else:
+        rows = [measure(c, args) for c in args.config]
+        print_table(rows)
     if args.json:
         for r in rows:
             print(json.dumps(r))

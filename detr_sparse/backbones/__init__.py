@@ -1,10 +1,18 @@
 """Backbones: each returns an ordered dict of named NCHW maps and states, for each name,
 its channels and stride (`output_shape()`)."""
 from .resnet import ResNetBackbone
+from .swin import SwinBackbone
 
 
 def build_backbone(cfg, out_features: tuple[str, ...]):
     if cfg.name.startswith("resnet"):
         return ResNetBackbone(cfg.name, cfg.norm, cfg.dilation, out_features, cfg.pretrained,
                               cfg.channels_last, cfg.freeze_at)
+    if cfg.name.startswith("swin"):
+        # norm and channels_last are ResNet settings and are ignored; dilation would change
+        # the strides the rest of the model was configured for, so it is refused
+        if cfg.dilation:
+            raise ValueError("model.backbone.dilation: not supported by swin")
+        return SwinBackbone(cfg.name, out_features, cfg.pretrained, cfg.freeze_at,
+                            cfg.drop_path_rate)
     raise ValueError(f"model.backbone.name: unknown backbone '{cfg.name}'")

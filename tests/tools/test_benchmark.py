@@ -12,7 +12,9 @@ def test_benchmark_prints_table_and_json(capsys):
                            "--runs", "1", "--warmup", "0", "--json", "--opts", *TINY_MODEL])
     out = capsys.readouterr().out.splitlines()
     record = json.loads(out[-1])
-    assert {"config", "size", "batch", "gflops", "gflops_by_part", "latency_s", "peak_mem_mb"} <= set(record)
+    assert {"config", "size", "batch", "gflops", "gflops_by_part", "latency_s", "peak_mem_mb",
+            "gflops_deform_sampling"} <= set(record)
+    assert record["gflops_deform_sampling"] == 0  # DETR has no deformable attention
     assert record["size"] == [64, 96] and record["batch"] == 1
     assert set(record["gflops_by_part"]) == {"backbone", "encoder", "decoder", "other"}
     assert abs(sum(record["gflops_by_part"].values()) - record["gflops"]) < 1e-2
@@ -33,7 +35,7 @@ def test_attention_matmuls_are_counted_as_multiply_adds():
             return self.attn(q, q, x, need_weights=False)[0]
 
     n, d = 10, 8
-    total, _ = count_flops(Wrap(), torch.randn(1, n, d))
+    total = count_flops(Wrap(), torch.randn(1, n, d)).total
     projections = 4 * n * d * d  # q, k, v and output projections
     attention = 2 * n * n * d  # q @ k^T and weights @ v
     assert abs(total * 1e9 - (projections + attention)) < 1
@@ -48,3 +50,12 @@ def test_training_throughput_for_one_and_two_processes(tiny_coco, tmp_path, caps
     assert all(v > 0 for r in rows for v in r["images_per_s_per_process"])
     assert rows[1]["efficiency"] == rows[1]["images_per_s"] / (2 * rows[0]["images_per_s"])
     assert "scaling efficiency" in capsys.readouterr().out
+
+
+def test_deformable_attention_component_prints_speedups(capsys):
+    rows = benchmark.main(["--component", "msda", "--size", "64", "96", "--runs", "1", "--warmup", "0"])
+    assert [r["batch"] for r in rows] == [1, 2]
+    # 4 levels at strides 8..64 of a 64x96 image: 8x12 + 4x6 + 2x3 + 1x2 tokens
+    assert all(r["queries"] == 128 for r in rows)
+    assert all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)
+    assert "forward+backward" in capsys.readouterr().out

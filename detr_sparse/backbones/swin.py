@@ -1,0 +1,96 @@
+"""torchvision Swin Transformer as a detection backbone, with the same named maps as the
+ResNet backbone (`res2` .. `res5` at strides 4 .. 32)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+_NAMES = ["res2", "res3", "res4", "res5"]
+_MODELS = ("swin_t", "swin_s", "swin_b")
+_PATCH = 4  # stride of the patch embedding
+
+
+class SwinBackbone(nn.Module):
+    """forward(x: (B, 3, H, W)) -> OrderedDict of the requested maps, NCHW and contiguous,
+    e.g. {"res3": (B, 192, ceil(H/8), ceil(W/8)), "res5": (B, 768, ceil(H/32), ceil(W/32))}
+    for swin_t (swin_b: 128/256/512/1024 channels).
+
+    `self.features` keeps torchvision's layout, [patch embed, stage 1, merge, stage 2, merge,
+    stage 3, merge, stage 4] cut after the last requested stage, so its weights keep their
+    torchvision names. Each output gets its own LayerNorm (as in the official detection Swin);
+    torchvision's final `norm` belongs to the classifier and is not built.
+    `freeze_at`: 0 none, 1 the patch embedding, 2 it and res2, 3 up to res3, ...; -1 means 0.
+    A frozen stage includes the patch merging that feeds it and its output LayerNorm.
+    """
+
+    def __init__(self, name: str = "swin_t", out_features: tuple[str, ...] = ("res3", "res4", "res5"),
+                 pretrained: str = "", freeze_at: int = -1, drop_path_rate: float = 0.2):
+        super().__init__()
+        if name not in _MODELS:
+            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_MODELS)}")
+        unknown = set(out_features) - set(_NAMES)
+        if unknown:
+            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        net = getattr(torchvision.models, name)(weights=None)
+        # the builders hard-code stochastic_depth_prob (0.2 / 0.3 / 0.5), so the linear
+        # per-block schedule is redone here; it spans all 4 stages even when fewer are built,
+        # so a block drops as often as in the full (pretrained) network
+        blocks = [block for stage in net.features[1::2] for block in stage]
+        for i, block in enumerate(blocks):
+            block.stochastic_depth.p = drop_path_rate * i / (len(blocks) - 1)
+        last = max(_NAMES.index(n) for n in out_features)
+        self.features = net.features[: 2 * last + 2]
+        embed_dim = net.features[0][0].out_channels
+        self.out_features = tuple(out_features)
+        self.channels = {n: embed_dim * 2 ** _NAMES.index(n) for n in out_features}
+        self.strides = {n: _PATCH * 2 ** _NAMES.index(n) for n in out_features}
+        self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n]) for n in out_features})
+        if pretrained:
+            self.load_torchvision_state(pretrained)
+        freeze_at = max(freeze_at, 0)
+        if freeze_at > last + 2:
+            raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the patch "
+                             f"embedding and the {last + 1} stages this backbone builds")
+        # how many features[] entries freeze_at covers: stage 1 has no merge, later ones do
+        frozen = list(self.features[: [0, 1, 2, 4, 6, 8][freeze_at]])
+        frozen += [self.norms[n] for n in _NAMES[: max(freeze_at - 1, 0)] if n in self.norms]
+        for p in (p for m in frozen for p in m.parameters()):
+            p.requires_grad_(False)
+
+    def load_torchvision_state(self, path: str) -> None:
+        """Load a torchvision-format Swin state dict (keys `features.0.0.weight`, ...); stages
+        not built, the final `norm` and the classification `head` are ignored. The output
+        LayerNorms are detection-specific and keep their initialisation."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.backbone.pretrained: {path} not found (torchvision "
+                                    "Swin weights saved with torch.save(model.state_dict()))")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        wanted = [f"features.{k}" for k in self.features.state_dict()]
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"{path}: missing backbone weights {missing[:8]}")
+        self.features.load_state_dict({k[len("features."):]: state[k] for k in wanted})
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        # the patch embedding is an unpadded stride-4 convolution that would drop the last
+        # H % 4 rows; zero-padding them (as the official Swin does) makes every map
+        # ceil(H / stride), the same sizes as ResNet's
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % _PATCH, 0, -h % _PATCH))
+        x = self.features[0](x)  # (B, H/4, W/4, C): torchvision's Swin works in NHWC
+        out = OrderedDict()
+        for i, name in enumerate(_NAMES[: (len(self.features) // 2)]):
+            if i > 0:
+                x = self.features[2 * i](x)  # patch merging: halves H, W (padding odd sizes)
+            x = self.features[2 * i + 1](x)
+            if name in self.out_features:
+                out[name] = self.norms[name](x).permute(0, 3, 1, 2).contiguous()
+        return out

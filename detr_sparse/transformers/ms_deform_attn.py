@@ -1,0 +1,92 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021): each query reads
+n_points bilinear samples per head and level around its reference point, weighted by
+attention weights that sum to one over the levels and points.
+
+The sampling core has two implementations with the same inputs and outputs:
+- "fast": the C++ kernel of `msda_ops.py` (CPU; built on first use),
+- "reference": torch's `grid_sample`, one call per level (any device; the tests' yardstick).
+"auto" takes the kernel for CPU tensors when it builds, the reference otherwise."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import msda_ops
+
+IMPLEMENTATIONS = ("auto", "fast", "reference")
+
+
+def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                        sampling_locations: Tensor, attention_weights: Tensor,
+                        impl: str = "auto") -> Tensor:
+    """The sampling core (shapes in `msda_ops`) by `impl`."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"deformable attention implementation '{impl}' not in {IMPLEMENTATIONS}")
+    if impl == "fast" or (impl == "auto" and value.device.type == "cpu" and msda_ops.available()):
+        return msda_ops.msda_fast(value, spatial_shapes, level_start_index,
+                                  sampling_locations, attention_weights)
+    return msda_ops.msda_reference(value, spatial_shapes, level_start_index,
+                                   sampling_locations, attention_weights)
+
+
+class MSDeformAttn(nn.Module):
+    """forward(query (B, Q, C), reference_points (B, Q, L, 2) normalised (x, y) or
+    (B, Q, L, 4) normalised (cx, cy, w, h) boxes, value_input (B, S, C), spatial_shapes (L, 2),
+    level_start_index (L,), padding_mask (B, S) True at padding or None) -> (B, Q, C).
+
+    With point references, offsets are in pixels of each level; with box references they are
+    fractions of the box (offset / n_points * wh / 2), as in the official code."""
+
+    impl = "auto"  # class-wide switch, e.g. MSDeformAttn.impl = "reference"
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # offsets start as a ring: head h looks in direction 2*pi*h/M, point i at distance i+1
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.n_heads, dtype=torch.float64) * (2 * math.pi / self.n_heads)
+        ring = torch.stack([angles.cos(), angles.sin()], -1)
+        ring = ring / ring.abs().max(-1, keepdim=True).values  # onto the unit square's border
+        ring = ring[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)
+        ring = ring * torch.arange(1, self.n_points + 1, dtype=torch.float64)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(ring.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, query: Tensor, reference_points: Tensor, value_input: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor,
+                padding_mask: Tensor | None = None) -> Tensor:
+        b, q, _ = query.shape
+        m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(b, value.shape[1], m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(b, q, m, n_levels, n_points, 2)
+        weights = self.attention_weights(query).view(b, q, m, n_levels * n_points).softmax(-1)
+        weights = weights.view(b, q, m, n_levels, n_points)
+        if reference_points.shape[-1] == 2:
+            wh = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (W, H)
+            locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            ref = reference_points[:, :, None, :, None, :]
+            locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points: last dimension must be 2 or 4, got {reference_points.shape[-1]}")
+        out = ms_deform_attn_core(value, spatial_shapes, level_start_index, locations, weights, self.impl)
+        return self.output_proj(out)
