@@ -1,13 +1,15 @@
 """DETR's set criterion: Hungarian matching, then class + L1 + GIoU losses on the matched
-pairs, for the final decoder layer and every auxiliary output. Returns the losses already
-weighted (the engine sums every key starting with "loss"); other keys are statistics."""
+pairs, for the final decoder layer, every auxiliary output and (two-stage Deformable DETR)
+the encoder proposals. Classification is DETR's softmax with a no-object class, or the
+sigmoid focal loss of Deformable DETR. Returns the losses already weighted (the engine sums
+every key starting with "loss"); other keys are statistics."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .matcher import HungarianMatcher
 
@@ -22,27 +24,41 @@ def num_boxes_across_ranks(targets: list[dict], device) -> float:
 
 
 class SetCriterion(nn.Module):
-    """outputs: pred_logits (B, Q, K+1) with the no-object class last, pred_boxes (B, Q, 4)
-    normalised cxcywh, optional aux_outputs (list of the same for earlier decoder layers).
+    """outputs: pred_logits (B, Q, K+1) with the no-object class last (softmax), or (B, Q, K)
+    (focal_alpha set: sigmoid focal loss, no no-object class); pred_boxes (B, Q, 4)
+    normalised cxcywh; optional aux_outputs (list of the same for earlier decoder layers);
+    optional enc_outputs (the same for the encoder proposals, Q = tokens), matched against
+    targets relabelled to class 0 when `binary_enc` (two-stage Deformable DETR's foreground
+    head), against the real labels otherwise (Deformable DETR+).
     targets: labels (N,) in [0, K), boxes (N, 4) normalised cxcywh."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_weight: float = 1.0,
-                 bbox_weight: float = 5.0, giou_weight: float = 2.0, eos_coef: float = 0.1):
+                 bbox_weight: float = 5.0, giou_weight: float = 2.0, eos_coef: float = 0.1,
+                 focal_alpha: float | None = None, binary_enc: bool = True):
         super().__init__()
         self.num_classes = num_classes
+        self.focal_alpha, self.binary_enc = focal_alpha, binary_enc
         self.matcher = matcher
         self.weights = {"loss_ce": cls_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def loss_labels(self, logits: Tensor, targets, indices) -> dict[str, Tensor]:
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=logits.device)
+    def loss_labels(self, logits: Tensor, targets, indices, num_boxes: float) -> dict[str, Tensor]:
         batch_idx, query_idx = _flat_indices(indices)
         matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes[batch_idx, query_idx] = matched
-        loss = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
+        if self.focal_alpha is None:
+            target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                        device=logits.device)
+            target_classes[batch_idx, query_idx] = matched
+            loss = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
+        else:
+            # one-hot over the K classes; unmatched queries are negatives for every class
+            onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+            d = logits.device
+            onehot[batch_idx.to(d), query_idx.to(d), matched.to(d)] = 1.0
+            loss = sigmoid_focal_loss(logits.float(), onehot, alpha=self.focal_alpha, gamma=2.0,
+                                      reduction="sum") / num_boxes
         # the same keys for every batch, even one without objects: the engine averages them
         # over ranks in one collective, which needs the same entries on every rank
         error = logits.new_zeros(())
@@ -62,7 +78,7 @@ class SetCriterion(nn.Module):
 
     def single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
-        losses = self.loss_labels(outputs["pred_logits"], targets, indices)
+        losses = self.loss_labels(outputs["pred_logits"], targets, indices, num_boxes)
         losses.update(self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes))
         return {k: v * self.weights[k] if k in self.weights else v for k, v in losses.items()}
 
@@ -71,6 +87,12 @@ class SetCriterion(nn.Module):
         losses = {}
         for i, out in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.single(out, targets, num_boxes).items()})
+        if "enc_outputs" in outputs:
+            enc_targets = targets
+            if self.binary_enc:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc = self.single(outputs["enc_outputs"], enc_targets, num_boxes)
+            losses.update({f"{k}_enc": v for k, v in enc.items()})
         losses.update(self.single(outputs, targets, num_boxes))
         return losses
 

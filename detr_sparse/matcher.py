@@ -62,4 +62,6 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(loss_cfg, focal: bool = False) -> HungarianMatcher:
-    return HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_bbox, loss_cfg.cost_giou, focal=focal)
+    """From the loss config; `focal` for sigmoid classifiers, with loss_cfg.focal_alpha."""
+    return HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_bbox, loss_cfg.cost_giou, focal=focal,
+                            focal_alpha=loss_cfg.focal_alpha)

@@ -20,3 +20,16 @@ def postprocess_softmax(outputs: dict, sizes: Tensor) -> list[dict[str, Tensor]]
     scores, labels = prob.max(-1)
     boxes = scale_boxes(outputs["pred_boxes"].float(), sizes)
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+@torch.no_grad()
+def postprocess_sigmoid(outputs: dict, sizes: Tensor, num_top: int = 100) -> list[dict[str, Tensor]]:
+    """Deformable DETR: independent sigmoid scores per (query, class); the num_top best pairs
+    of each image over all Q * K, so one query may give several classes."""
+    logits = outputs["pred_logits"].float()
+    _, q, k = logits.shape
+    scores, index = logits.sigmoid().flatten(1).topk(min(num_top, q * k), dim=1)
+    labels, query = index % k, index // k
+    boxes = scale_boxes(outputs["pred_boxes"].float(), sizes)
+    boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

@@ -31,3 +31,13 @@ def train_losses(out) -> list[float]:
 def checkpoint_model(out) -> dict:
     """The model weights of a run's newest checkpoint."""
     return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+
+# A tiny Deformable DETR (3 backbone levels + 0 extra by default, 2 sampling points)
+TINY_DEFORMABLE = ["model.name=deformable_detr", "model.backbone.name=resnet18",
+                   "model.backbone.norm=gn", "model.backbone.out_features=[res3,res4,res5]",
+                   "model.num_queries=10", "model.transformer.hidden_dim=64",
+                   "model.transformer.nheads=4", "model.transformer.enc_layers=1",
+                   "model.transformer.dec_layers=2", "model.transformer.dim_feedforward=64",
+                   "model.transformer.num_feature_levels=3", "model.transformer.enc_n_points=2",
+                   "model.transformer.dec_n_points=2", "model.loss.cls_weight=2",
+                   "model.loss.cost_class=2"]

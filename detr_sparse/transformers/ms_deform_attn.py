@@ -51,6 +51,10 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
+        # build (or load) the kernel with the model, not inside its first forward pass, where
+        # a FLOP counter already running would not know the kernel's formula yet
+        if self.impl != "reference":
+            msda_ops.available()
 
     def reset_parameters(self) -> None:
         # offsets start as a ring: head h looks in direction 2*pi*h/M, point i at distance i+1

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from helpers import REPO, TINY_MODEL, tiny_overrides
+from helpers import REPO, TINY_DEFORMABLE, TINY_MODEL, tiny_overrides
 from engine.benchmark import count_flops
 from tools import benchmark
 
@@ -20,6 +20,17 @@ def test_benchmark_prints_table_and_json(capsys):
     assert abs(sum(record["gflops_by_part"].values()) - record["gflops"]) < 1e-2
     assert record["gflops_by_part"]["encoder"] > 0 and record["latency_s"] > 0
     assert rows[0]["gflops"] == record["gflops"]
+
+
+def test_deformable_sampling_is_reported_apart():
+    rows = benchmark.main(["--config", str(REPO / "configs/deformable_detr_plus_r50.yaml"), "--size", "64", "96",
+                           "--runs", "1", "--warmup", "0", "--opts", *TINY_DEFORMABLE,
+                           "model.name=deformable_detr_plus"])
+    # 1 encoder layer over 8x12 + 4x6 + 2x3 tokens and 2 decoder layers over 10 queries,
+    # 4 heads x 3 levels x 2 points x 16 channels, 5 multiply-adds per sample and channel
+    samples = (96 + 24 + 6 + 2 * 10) * 4 * 3 * 2 * 16
+    assert abs(rows[0]["gflops_deform_sampling"] * 1e9 - 5 * samples) <= 1e3  # JSON keeps 1e-6 GFLOPs
+    assert rows[0]["gflops_by_part"]["encoder"] > 0
 
 
 def test_attention_matmuls_are_counted_as_multiply_adds():
