@@ -33,6 +33,31 @@ def test_deformable_sampling_is_reported_apart():
     assert rows[0]["gflops_by_part"]["encoder"] > 0
 
 
+def test_sampling_flops_land_in_their_part_whichever_kernel_runs():
+    from detr_sparse import build_model
+    from detr_sparse.transformers.ms_deform_attn import MSDeformAttn
+    from engine.config import load_config
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY_DEFORMABLE).model, 3).eval()
+    inputs = benchmark.make_input((64, 96), 1, "", "cpu")
+    counts = {}
+    try:
+        for impl in ("fast", "reference"):
+            MSDeformAttn.impl = impl
+            counts[impl] = count_flops(model, inputs, model.parts)
+    finally:
+        MSDeformAttn.impl = "auto"
+    assert counts["fast"].by_part == counts["reference"].by_part
+    # the encoder's sampling is counted inside the encoder: its 126 tokens, 4 heads x 3 levels
+    # x 2 points x 16 channels, 5 multiply-adds each (torch's counter counts 2 per multiply-add)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(inputs)
+    encoder = {str(op): n for op, n in counter.get_flop_counts()["DeformableDETR.transformer.encoder"].items()}
+    assert encoder["detr_sparse.msda_forward"] == 2 * 5 * 126 * 4 * 3 * 2 * 16
+
+
 def test_attention_matmuls_are_counted_as_multiply_adds():
     attn = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
 
