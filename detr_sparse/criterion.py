@@ -29,7 +29,10 @@ class SetCriterion(nn.Module):
     normalised cxcywh; optional aux_outputs (list of the same for earlier decoder layers);
     optional enc_outputs (the same for the encoder proposals, Q = tokens), matched against
     targets relabelled to class 0 when `binary_enc` (two-stage Deformable DETR's foreground
-    head), against the real labels otherwise (Deformable DETR+).
+    head), against the real labels otherwise (Deformable DETR+); optional extra_outputs
+    {suffix: outputs} matched against the real labels, losses named `{key}_{suffix}` (Sparse
+    DETR's encoder auxiliary heads and objectness head). An outputs dict may carry query_mask
+    (B, Q) bool: the other queries are neither matched nor penalised (focal loss only).
     targets: labels (N,) in [0, K), boxes (N, 4) normalised cxcywh."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_weight: float = 1.0,
@@ -44,7 +47,8 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def loss_labels(self, logits: Tensor, targets, indices, num_boxes: float) -> dict[str, Tensor]:
+    def loss_labels(self, logits: Tensor, targets, indices, num_boxes: float,
+                    query_mask: Tensor | None = None) -> dict[str, Tensor]:
         batch_idx, query_idx = _flat_indices(indices)
         matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         if self.focal_alpha is None:
@@ -57,8 +61,10 @@ class SetCriterion(nn.Module):
             onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
             d = logits.device
             onehot[batch_idx.to(d), query_idx.to(d), matched.to(d)] = 1.0
-            loss = sigmoid_focal_loss(logits.float(), onehot, alpha=self.focal_alpha, gamma=2.0,
-                                      reduction="sum") / num_boxes
+            loss = sigmoid_focal_loss(logits.float(), onehot, alpha=self.focal_alpha, gamma=2.0)
+            if query_mask is not None:
+                loss = loss * query_mask[..., None]
+            loss = loss.sum() / num_boxes
         # the same keys for every batch, even one without objects: the engine averages them
         # over ranks in one collective, which needs the same entries on every rank
         error = logits.new_zeros(())
@@ -78,7 +84,8 @@ class SetCriterion(nn.Module):
 
     def single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
-        losses = self.loss_labels(outputs["pred_logits"], targets, indices, num_boxes)
+        losses = self.loss_labels(outputs["pred_logits"], targets, indices, num_boxes,
+                                  outputs.get("query_mask"))
         losses.update(self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes))
         return {k: v * self.weights[k] if k in self.weights else v for k, v in losses.items()}
 
@@ -93,6 +100,8 @@ class SetCriterion(nn.Module):
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self.single(outputs["enc_outputs"], enc_targets, num_boxes)
             losses.update({f"{k}_enc": v for k, v in enc.items()})
+        for suffix, extra in outputs.get("extra_outputs", {}).items():
+            losses.update({f"{k}_{suffix}": v for k, v in self.single(extra, targets, num_boxes).items()})
         losses.update(self.single(outputs, targets, num_boxes))
         return losses
 

@@ -20,7 +20,7 @@ from .image_batch import ImageBatch
 from .matcher import build_matcher
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import postprocess_sigmoid
-from .transformers.deformable_transformer import DeformableTransformer, refine_boxes
+from .transformers.deformable_transformer import DeformableTransformer, TokenMap, refine_boxes
 
 DEFAULT_FEATURES = ["res3", "res4", "res5"]  # strides 8, 16, 32
 
@@ -77,10 +77,11 @@ class DeformableDETR(nn.Module):
         pred_boxes (B, Q, 4) normalised cxcywh, aux_outputs for the earlier decoder layers,
         and with two-stage enc_outputs {pred_logits (B, S, K), pred_boxes (B, S, 4)} of the
         encoder proposals (boxes 1.0 where a token has no proposal)."""
-        pos = [self.position_embedding(m) for m in masks]
+        tokens = self.transformer.prepare(srcs, masks, [self.position_embedding(m) for m in masks])
+        memory, extra = self.encode(tokens)
         n = len(self.transformer.decoder)
-        t = self.transformer(
-            srcs, masks, pos, None if self.two_stage else self.query_embed.weight,
+        t = self.transformer.decode(
+            tokens, memory, None if self.two_stage else self.query_embed.weight,
             enc_heads=(self.class_embed[n], self.bbox_embed[n]) if self.two_stage else None,
             box_heads=self.bbox_embed[:n] if self.with_box_refine else None)
         logits = [self.class_embed[i](h) for i, h in enumerate(t["hs"])]
@@ -93,7 +94,12 @@ class DeformableDETR(nn.Module):
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": t["enc_logits"],
                                   "pred_boxes": t["enc_boxes_unact"].sigmoid()}
-        return out
+        return {**out, **extra}
+
+    def encode(self, tokens: TokenMap) -> tuple[Tensor, dict]:
+        """The encoder's memory (B, S, C) and any outputs of its own (none here; Sparse DETR
+        adds its selection and auxiliary heads)."""
+        return self.transformer.encode(tokens), {}
 
     def forward_raw(self, images: ImageBatch) -> dict:
         return self.predict(*self.features(images))
@@ -107,15 +113,22 @@ class DeformableDETR(nn.Module):
         return postprocess_sigmoid(out, images.sizes)
 
 
+def detection_head(d: int, num_classes: int) -> tuple[nn.Linear, MLP]:
+    """A sigmoid class head (prior probability 0.01) and a box head predicting logit offsets
+    from a reference, starting at zero offset."""
+    class_head = nn.Linear(d, num_classes)
+    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))
+    box_head = MLP(d, d, 4, 3)
+    nn.init.zeros_(box_head.layers[-1].weight)
+    nn.init.zeros_(box_head.layers[-1].bias)
+    return class_head, box_head
+
+
 def _heads(d: int, num_classes: int, dec_layers: int, with_box_refine: bool, two_stage: bool):
     """Class and box heads: one per decoder layer, plus one for the encoder proposals with
     two-stage (index dec_layers). Independent copies with box refinement, otherwise the same
     module repeated (shared weights), as in the official code."""
-    class_head = nn.Linear(d, num_classes)
-    nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # prior probability 0.01
-    box_head = MLP(d, d, 4, 3)
-    nn.init.zeros_(box_head.layers[-1].weight)
-    nn.init.zeros_(box_head.layers[-1].bias)
+    class_head, box_head = detection_head(d, num_classes)
     n = dec_layers + int(two_stage)
     if with_box_refine:
         class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(n))
@@ -132,8 +145,10 @@ def _heads(d: int, num_classes: int, dec_layers: int, with_box_refine: bool, two
     return class_embed, bbox_embed
 
 
-def build_deformable_detr(cfg, num_classes: int, query_init: str = "embedding") -> DeformableDETR:
-    """model.name "deformable_detr"; cfg is the model config."""
+def build_deformable_detr(cfg, num_classes: int, query_init: str = "embedding",
+                          model_cls=DeformableDETR, **model_kwargs) -> DeformableDETR:
+    """model.name "deformable_detr"; cfg is the model config. model_cls / model_kwargs: a
+    subclass built on the same parts (Sparse DETR)."""
     if query_init == "memory" and not cfg.two_stage:
         raise ValueError(f"model.two_stage: model '{cfg.name}' initialises its queries from "
                          "the encoder proposals and needs model.two_stage=true")
@@ -153,8 +168,8 @@ def build_deformable_detr(cfg, num_classes: int, query_init: str = "embedding") 
     criterion = SetCriterion(num_classes, build_matcher(loss, focal=True), loss.cls_weight,
                              loss.bbox_weight, loss.giou_weight, loss.eos_coef,
                              focal_alpha=loss.focal_alpha, binary_enc=query_init == "embedding")
-    return DeformableDETR(backbone, transformer, num_classes, cfg.num_queries, criterion,
-                          loss.aux_loss, cfg.with_box_refine, cfg.two_stage)
+    return model_cls(backbone, transformer, num_classes, cfg.num_queries, criterion,
+                     loss.aux_loss, cfg.with_box_refine, cfg.two_stage, **model_kwargs)
 
 
 def build_deformable_detr_plus(cfg, num_classes: int) -> DeformableDETR:

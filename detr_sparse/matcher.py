@@ -15,7 +15,8 @@ class HungarianMatcher(nn.Module):
     """Costs: class (softmax probability, or the focal-loss cost of Deformable DETR), L1 on
     normalised cxcywh boxes and negative GIoU.
 
-    outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh.
+    outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh, optionally
+    query_mask (B, Q) bool: only these queries take part (a padded set of predictions).
     targets: list of dicts with labels (N_i,) and boxes (N_i, 4) normalised cxcywh.
     Returns for each image (query indices, target indices), int64, sorted by query."""
 
@@ -54,10 +55,12 @@ class HungarianMatcher(nn.Module):
         cost = cost - self.cost_giou * giou
         cost = torch.nan_to_num(cost, nan=_BAD_COST, posinf=_BAD_COST, neginf=-_BAD_COST)
         cost = cost.view(bs, nq, -1).cpu()
+        mask = outputs.get("query_mask")
         indices = []
         for i, c in enumerate(cost.split(sizes, -1)):
-            q, t = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)))
+            rows = torch.arange(nq) if mask is None else mask[i].cpu().nonzero().flatten()
+            q, t = linear_sum_assignment(c[i][rows].numpy())
+            indices.append((rows[torch.as_tensor(q, dtype=torch.int64)], torch.as_tensor(t, dtype=torch.int64)))
         return indices
 
 

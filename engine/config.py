@@ -60,6 +60,15 @@ class LossConfig:
 
 
 @dataclass
+class SparseConfig:
+    """Sparse DETR's encoder token sparsification."""
+    rho: float = 0.1  # share of each image's tokens the encoder updates; 0 = dense encoder
+    saliency: str = "dam"  # dam: decoder cross-attention map | os: objectness score
+    enc_aux_loss: bool = True  # detection losses on the kept tokens of every encoder layer but the last
+    mask_loss_weight: float = 1.0  # the scoring network's BCE against the binarised DAM
+
+
+@dataclass
 class ModelConfig:
     name: str = "detr"
     num_classes: int = 0  # 0: taken from the training set's categories
@@ -69,6 +78,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
 
 @dataclass

@@ -41,3 +41,51 @@ TINY_DEFORMABLE = ["model.name=deformable_detr", "model.backbone.name=resnet18",
                    "model.transformer.num_feature_levels=3", "model.transformer.enc_n_points=2",
                    "model.transformer.dec_n_points=2", "model.loss.cls_weight=2",
                    "model.loss.cost_class=2"]
+
+
+def padded_feature_batch(model, images: list) -> tuple[list, list, list]:
+    """A deformable model's projected maps of each image alone (model.features), and the
+    same maps batched with 10x noise in the padding, with their masks: what a padded batch
+    must reproduce from the maps on (a CNN sees the zero-padded image differently at the
+    valid border, so the backbone is left out of such comparisons).
+    -> (per image (srcs, masks), batched srcs, batched masks)."""
+    from detr_sparse.image_batch import ImageBatch
+
+    alone = [model.features(ImageBatch.from_images([img])) for img in images]
+    srcs, masks = [], []
+    for level in range(len(alone[0][0])):
+        maps = [a[0][level][0] for a in alone]
+        h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+        src = 10 * torch.randn(len(maps), maps[0].shape[0], h, w)
+        mask = torch.ones(len(maps), h, w, dtype=torch.bool)
+        for i, m in enumerate(maps):
+            src[i, :, :m.shape[1], :m.shape[2]] = m
+            mask[i, :m.shape[1], :m.shape[2]] = False
+        srcs.append(src)
+        masks.append(mask)
+    return alone, srcs, masks
+
+
+def two_image_batch(size_a=(64, 96), size_b=(96, 64)):
+    """Two images of different sizes (so one is padded) with 1 and 2 boxes (absolute xyxy)."""
+    from detr_sparse.image_batch import ImageBatch
+
+    torch.manual_seed(1)
+    images = ImageBatch.from_images([torch.randn(3, *size_a), torch.randn(3, *size_b)])
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [20.0, 60.0, 50.0, 90.0]]),
+                "labels": torch.tensor([0, 2])}]
+    return images, targets
+
+
+def train_steps(model, images, targets, steps: int, lr: float = 1e-3) -> list[float]:
+    """The total loss of each of `steps` AdamW steps on one fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = sum(v for k, v in model(images, targets).items() if k.startswith("loss"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -108,8 +109,11 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, shapes: Tensor,
-                starts: Tensor, mask: Tensor | None) -> Tensor:
-        x = self.self_attn(src + pos, reference_points, src, shapes, starts, mask)
+                starts: Tensor, mask: Tensor | None, value: Tensor | None = None) -> Tensor:
+        """src, pos (B, Q, C); value (B, S, C), the whole token map the queries sample from:
+        src itself (dense) or the map a subset of it (src) was gathered from (Sparse DETR)."""
+        value = src if value is None else value
+        x = self.self_attn(src + pos, reference_points, value, shapes, starts, mask)
         src = self.norm1(src + self.dropout1(x))
         return self.norm2(src + self.dropout2(self.ffn(src)))
 
@@ -255,6 +259,40 @@ class DeformableTransformer(nn.Module):
         enc = {"enc_logits": enc_logits, "enc_boxes_unact": enc_boxes}
         return tgt, query_pos, boxes.sigmoid(), enc
 
+    def prepare(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> "TokenMap":
+        """The encoder's input from per-level maps (B, C, H_l, W_l), masks (B, H_l, W_l) True
+        at padding, and position embeddings like srcs."""
+        src, mask, pos, shapes, starts = self.flatten(srcs, masks, pos_embeds)
+        shape_list = [tuple(s.shape[-2:]) for s in srcs]
+        ratios = valid_ratios(masks)
+        return TokenMap(src, mask, pos, shapes, starts, shape_list, ratios,
+                        encoder_reference_points(shape_list, ratios))
+
+    def encode(self, t: "TokenMap") -> Tensor:
+        """The dense encoder: every token attends and is updated. -> memory (B, S, C)."""
+        return self.encoder(t.src, t.pos, t.reference_points, t.shapes, t.starts, t.mask)
+
+    def decode(self, t: "TokenMap", memory: Tensor, query_embed: Tensor | None = None,
+               enc_heads=None, box_heads=None) -> dict:
+        """Queries (learnt, or the top-k encoder proposals with two-stage) and the decoder;
+        see `forward`."""
+        out = {"memory": memory, "mask": t.mask}
+        if self.two_stage:
+            if enc_heads is None:
+                raise ValueError("a two-stage transformer needs enc_heads")
+            tgt, query_pos, reference, enc = self.two_stage_queries(memory, t.mask, t.shape_list, *enc_heads)
+            out.update(enc)
+        else:
+            if query_embed is None:
+                raise ValueError("a transformer without two-stage needs query_embed")
+            # repeat, not expand: FlopCounterMode's module tracker fails on a no-grad view
+            # of a parameter that requires grad
+            query_pos, tgt = query_embed.unsqueeze(0).repeat(t.src.shape[0], 1, 1).split(self.d_model, -1)
+            reference = self.reference_points(query_pos).sigmoid()
+        out["hs"], out["references"] = self.decoder(tgt, reference, memory, t.shapes, t.starts, t.ratios,
+                                                    query_pos, t.mask, box_heads)
+        return out
+
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Tensor | None = None, enc_heads=None, box_heads=None) -> dict:
         """srcs, pos_embeds: per level (B, C, H_l, W_l); masks: per level (B, H_l, W_l), True
@@ -265,24 +303,20 @@ class DeformableTransformer(nn.Module):
         Returns hs (n_dec, B, Q, C); references: n_dec tensors (B, Q, 2 or 4) each layer's
         boxes are relative to; memory (B, S, C); mask (B, S); with two-stage enc_logits
         (B, S, K) and enc_boxes_unact (B, S, 4) (+inf where a token has no proposal)."""
-        src, mask, pos, shapes, starts = self.flatten(srcs, masks, pos_embeds)
-        shape_list = [tuple(s.shape[-2:]) for s in srcs]
-        ratios = valid_ratios(masks)
-        memory = self.encoder(src, pos, encoder_reference_points(shape_list, ratios), shapes,
-                              starts, mask)
-        out = {"memory": memory, "mask": mask}
-        if self.two_stage:
-            if enc_heads is None:
-                raise ValueError("a two-stage transformer needs enc_heads")
-            tgt, query_pos, reference, enc = self.two_stage_queries(memory, mask, shape_list, *enc_heads)
-            out.update(enc)
-        else:
-            if query_embed is None:
-                raise ValueError("a transformer without two-stage needs query_embed")
-            # repeat, not expand: FlopCounterMode's module tracker fails on a no-grad view
-            # of a parameter that requires grad
-            query_pos, tgt = query_embed.unsqueeze(0).repeat(src.shape[0], 1, 1).split(self.d_model, -1)
-            reference = self.reference_points(query_pos).sigmoid()
-        out["hs"], out["references"] = self.decoder(tgt, reference, memory, shapes, starts, ratios,
-                                                    query_pos, mask, box_heads)
-        return out
+        t = self.prepare(srcs, masks, pos_embeds)
+        return self.decode(t, self.encode(t), query_embed, enc_heads, box_heads)
+
+
+@dataclass
+class TokenMap:
+    """The encoder's input: tokens src, position + level embeddings pos (B, S, C); mask (B, S)
+    True at padding; shapes (L, 2) int64 as (H, W) and as a list; starts (L,) level start
+    indices; valid ratios (B, L, 2); reference_points (B, S, L, 2) of every token."""
+    src: Tensor
+    mask: Tensor
+    pos: Tensor
+    shapes: Tensor
+    starts: Tensor
+    shape_list: list[tuple[int, int]]
+    ratios: Tensor
+    reference_points: Tensor

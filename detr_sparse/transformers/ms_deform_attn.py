@@ -40,6 +40,9 @@ class MSDeformAttn(nn.Module):
     fractions of the box (offset / n_points * wh / 2), as in the official code."""
 
     impl = "auto"  # class-wide switch, e.g. MSDeformAttn.impl = "reference"
+    # when True, forward keeps its last (sampling_locations, attention_weights), detached, in
+    # `self.sampling`: Sparse DETR builds its training target from the decoder's
+    record_sampling = False
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -79,7 +82,7 @@ class MSDeformAttn(nn.Module):
         m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value_input)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            value = value.masked_fill_(padding_mask[..., None], 0.0)  # value_proj's fresh output
         value = value.view(b, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(b, q, m, n_levels, n_points, 2)
         weights = self.attention_weights(query).view(b, q, m, n_levels * n_points).softmax(-1)
@@ -92,5 +95,7 @@ class MSDeformAttn(nn.Module):
             locations = ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
         else:
             raise ValueError(f"reference_points: last dimension must be 2 or 4, got {reference_points.shape[-1]}")
+        if self.record_sampling:
+            self.sampling = (locations.detach(), weights.detach())
         out = ms_deform_attn_core(value, spatial_shapes, level_start_index, locations, weights, self.impl)
         return self.output_proj(out)

@@ -3,7 +3,6 @@ import torch
 
 from detr_sparse import build_model
 from detr_sparse.detr import normalized_targets
-from detr_sparse.image_batch import ImageBatch
 from detr_sparse.postprocess import postprocess_sigmoid
 from engine.config import load_config
 from engine.distributed import DistInfo
@@ -11,7 +10,8 @@ from engine.logger import setup_logging
 from engine.optim import param_groups
 from engine.train import autocast
 from engine.trainer import Trainer
-from helpers import TINY_DEFORMABLE, checkpoint_model, tiny_overrides, train_losses
+from helpers import (TINY_DEFORMABLE, checkpoint_model, padded_feature_batch, tiny_overrides, train_losses,
+                     train_steps, two_image_batch)
 
 PLUS = ["model.name=deformable_detr_plus", "model.two_stage=true", "model.with_box_refine=true"]
 VARIANTS = {"plain": [], "refine": ["model.with_box_refine=true"], "two_stage": ["model.two_stage=true"],
@@ -25,12 +25,7 @@ def _model(extra=(), num_classes=3):
 
 
 def _batch():
-    torch.manual_seed(1)
-    images = ImageBatch.from_images([torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0], [20.0, 60.0, 50.0, 90.0]]),
-                "labels": torch.tensor([0, 2])}]
-    return images, targets
+    return two_image_batch()
 
 
 def _total(losses):
@@ -43,20 +38,8 @@ def test_a_padded_batch_gives_what_each_image_gives_alone(variant):
     (The CNN backbone itself sees the zero-padded image differently at the valid border, so
     the maps of each image alone are padded here instead.)"""
     model = _model(VARIANTS[variant]).eval()
-    images = [torch.randn(3, 64, 96), torch.randn(3, 96, 64)]
     with torch.no_grad():
-        alone = [model.features(ImageBatch.from_images([img])) for img in images]
-        srcs, masks = [], []
-        for level in range(len(alone[0][0])):
-            maps = [a[0][level][0] for a in alone]
-            h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
-            src = 10 * torch.randn(len(maps), maps[0].shape[0], h, w)
-            mask = torch.ones(len(maps), h, w, dtype=torch.bool)
-            for i, m in enumerate(maps):
-                src[i, :, :m.shape[1], :m.shape[2]] = m
-                mask[i, :m.shape[1], :m.shape[2]] = False
-            srcs.append(src)
-            masks.append(mask)
+        alone, srcs, masks = padded_feature_batch(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
         batched = model.predict(srcs, masks)
         for i, (s, m) in enumerate(alone):
             single = model.predict(s, m)
@@ -73,16 +56,7 @@ def test_a_padded_batch_gives_what_each_image_gives_alone(variant):
 
 @pytest.mark.parametrize("variant", ["plain", "plus"])
 def test_training_steps_reduce_loss_on_fixed_batch(variant):
-    model = _model(VARIANTS[variant]).train()
-    images, targets = _batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss = _total(model(images, targets))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(_model(VARIANTS[variant]).train(), *_batch(), steps=8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

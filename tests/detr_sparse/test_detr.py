@@ -4,7 +4,7 @@ from detr_sparse import build_model
 from detr_sparse.image_batch import ImageBatch
 from detr_sparse.position_encoding import PositionEmbeddingSine
 from engine.config import load_config
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, train_steps
 
 def _tiny_model(num_classes=3):
     torch.manual_seed(0)
@@ -40,17 +40,7 @@ def test_eval_returns_absolute_boxes_inside_each_image():
 
 
 def test_training_steps_reduce_loss_on_fixed_batch():
-    model = _tiny_model().train()
-    images, targets = _batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        out = model(images, targets)
-        loss = sum(v for k, v in out.items() if k.startswith("loss"))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(_tiny_model().train(), *_batch(), steps=20)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from detr_sparse.sparsity.tokens import (gather_tokens, keep_counts, keep_statistics, scatter_tokens,
+                                         select_top)
+
+
+def _padding():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 6:] = True  # the second image has 6 valid tokens
+    return mask
+
+
+def test_keep_counts_follow_sparse_detr_and_never_exceed_the_valid_tokens():
+    mask = _padding()
+    assert keep_counts(mask, 0.1).tolist() == [2, 1]  # int(10 * 0.1) + 1, int(6 * 0.1) + 1
+    assert keep_counts(mask, 0.5).tolist() == [6, 4]
+    assert keep_counts(mask, 1.0).tolist() == [10, 6]
+    with pytest.raises(ValueError, match="keep ratio"):
+        keep_counts(mask, 0.0)
+
+
+def test_top_tokens_never_include_padding():
+    mask = _padding()
+    scores = torch.arange(10.0).repeat(2, 1)  # padded tokens score best
+    kept = select_top(scores, keep_counts(mask, 0.5), mask)
+    assert kept.index[0].tolist() == [9, 8, 7, 6, 5, 4]
+    assert kept.index[1][kept.mask[1]].tolist() == [5, 4, 3, 2]
+    assert kept.mask.sum(1).tolist() == [6, 4]
+    assert not (kept.dense(10) & mask).any()
+
+
+def test_scatter_writes_only_each_images_own_kept_tokens():
+    mask = _padding()
+    kept = select_top(torch.arange(10.0).repeat(2, 1), torch.tensor([3, 1]), mask)
+    x = torch.randn(2, 10, 4)
+    out = scatter_tokens(x, kept, torch.full((2, 3, 4), 7.0))
+    changed = (out != x).any(-1)
+    assert changed[0].nonzero().flatten().tolist() == [7, 8, 9]
+    assert changed[1].nonzero().flatten().tolist() == [5]  # not 4 and 3: slots beyond its count
+
+
+def test_gather_then_scatter_is_identity_and_carries_gradients():
+    kept = select_top(torch.randn(2, 10), torch.tensor([4, 2]), _padding())
+    x = torch.randn(2, 10, 3, requires_grad=True)
+    ref = torch.randn(2, 10, 2, 2)
+    assert gather_tokens(ref, kept.index).shape == (2, 4, 2, 2)
+    values = gather_tokens(x, kept.index) * 2
+    out = scatter_tokens(x.detach(), kept, values)
+    out.sum().backward()
+    expected = torch.zeros(2, 10)
+    expected.scatter_(1, kept.index, kept.mask.float() * 2)
+    torch.testing.assert_close(x.grad[..., 0], expected)
+
+
+def test_keep_statistics_per_level():
+    mask = _padding()
+    kept = select_top(torch.arange(10.0).repeat(2, 1), torch.tensor([4, 2]), mask)
+    stats = keep_statistics(kept, mask, torch.tensor([0, 8]))
+    assert stats["keep_ratio"].item() == pytest.approx((4 / 10 + 2 / 6) / 2)
+    # image 0 keeps 6, 7 (level 0 of 8 tokens) and 8, 9 (level 1 of 2); image 1 keeps 4, 5 of 6
+    assert stats["keep_ratio_level0"].item() == pytest.approx((2 / 8 + 2 / 6) / 2)
+    assert stats["keep_ratio_level1"].item() == pytest.approx((2 / 2 + 0) / 2)
