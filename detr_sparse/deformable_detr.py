@@ -91,7 +91,7 @@ class DeformableDETR(nn.Module):
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(logits[:-1], boxes[:-1])]
-        if self.two_stage:
+        if self.two_stage and t["enc_boxes_unact"] is not None:
             out["enc_outputs"] = {"pred_logits": t["enc_logits"],
                                   "pred_boxes": t["enc_boxes_unact"].sigmoid()}
         return {**out, **extra}

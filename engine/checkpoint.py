@@ -133,3 +133,14 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
         raise RuntimeError(f"{output_dir}: none of the checkpoints {[p.name for p in candidates]} "
                            "is readable")
     return None
+
+
+def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device) -> torch.nn.Module:
+    """The configured detector on `device` in eval mode, with the weights of `checkpoint`
+    ("" keeps the random initial weights): what the tools measure and draw."""
+    from detr_sparse import build_model
+
+    model = build_model(model_cfg, model_cfg.num_classes or num_classes).to(device).eval()
+    if checkpoint:
+        load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)
+    return model

@@ -22,7 +22,7 @@ from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, optimizer_state
 from .scale import checkpoint_activations, wrap_ddp
 from .train import TrainState, evaluate, train_one_epoch
-from .visualize import denormalize, draw_detections
+from .visualize import denormalize, draw_detections, sparsity_pictures
 
 log = logging.getLogger("detr_sparse.trainer")
 
@@ -158,14 +158,18 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))
-        shown = []
+        shown, sparsity = [], []
+        count = self.cfg.eval.num_vis_images
+        sparse = getattr(self.model, "rho", 0) > 0  # kept tokens and DAM pictures too
 
         def show(images, targets, predictions):
             for img, tgt, pred in zip(images.tensors, targets, predictions):
-                if len(shown) < self.cfg.eval.num_vis_images:
+                if len(shown) < count:
                     h, w = tgt["size"].tolist()
                     shown.append(draw_detections(denormalize(img[:, :h, :w].cpu()), pred,
                                                  self.class_names, self.cfg.eval.vis_score_threshold, tgt))
+            if sparse and len(sparsity) < count:  # a second pass, for the first few images only
+                sparsity.extend(sparsity_pictures(self.model, images, count - len(sparsity)))
 
         stats = evaluate(self.model, self.val_loader, evaluator, self.dist.device,
                          self.cfg.train.amp, self.dist.is_main, show if self.dist.is_main else None)
@@ -173,6 +177,8 @@ class Trainer:
         self.run_logger.scalars("val", flat, self.state.iteration, epoch=self.state.epoch)
         for i, image in enumerate(shown):
             self.run_logger.image(f"val/prediction_{i}", image, self.state.iteration)
+        for i, image in enumerate(sparsity):
+            self.run_logger.image(f"val/sparsity_{i}", image, self.state.iteration)
         log.info("eval at epoch %d: %s", self.state.epoch, json.dumps(stats))
         return stats
 

@@ -22,10 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detr_sparse import build_model  # noqa: E402
 from detr_sparse.image_batch import ImageBatch  # noqa: E402
 from engine.benchmark import count_flops, measure_latency, peak_memory, train_images_per_second  # noqa: E402
-from engine.checkpoint import load_checkpoint, load_model_state  # noqa: E402
+from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 
@@ -49,9 +48,7 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
 def measure(cfg_path: str, args) -> dict:
     cfg = load_config(cfg_path, args.opts)
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model, cfg.model.num_classes or args.num_classes).to(device).eval()
-    if args.checkpoint:
-        load_model_state(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint)
+    model = build_eval_model(cfg.model, args.num_classes, args.checkpoint, device)
     inputs = make_input(tuple(args.size), args.batch, args.image, device)
     flops = count_flops(model, inputs, getattr(model, "parts", None))
     # the deformable attention's sampling, counted by its operator's formula (the reference

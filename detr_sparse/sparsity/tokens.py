@@ -16,7 +16,7 @@ from torch import Tensor
 
 @dataclass
 class KeptTokens:
-    """index (B, K) int64: positions in the dense map, best score first; mask (B, K) bool:
+    """index (B, K) int64: positions in the dense map, in map order; mask (B, K) bool:
     True at slots holding a kept token; counts (B,) int64: kept tokens per image."""
 
     index: Tensor
@@ -44,7 +44,10 @@ def select_top(scores: Tensor, counts: Tensor, padding_mask: Tensor) -> KeptToke
     scores = scores.detach().masked_fill(padding_mask, float("-inf"))
     index = scores.topk(k, dim=1).indices
     mask = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
-    return KeptTokens(index, mask, counts)
+    # kept tokens in map order (the slots beyond an image's count last): neighbouring
+    # queries then sample neighbouring values, which the deformable attention's reads favour
+    order = torch.where(mask, index, index + scores.shape[1]).argsort(dim=1)
+    return KeptTokens(index.gather(1, order), mask, counts)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

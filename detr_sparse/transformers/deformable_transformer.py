@@ -238,18 +238,23 @@ class DeformableTransformer(nn.Module):
                           class_head: nn.Module, box_head: nn.Module):
         """Encoder proposals and the decoder queries from the best num_queries of them.
         -> tgt (B, Q, C), query_pos (B, Q, C), reference boxes (B, Q, 4),
-        {enc_logits (B, S, K), enc_boxes_unact (B, S, 4)}."""
+        {enc_logits (B, S, K), enc_boxes_unact (B, S, 4)}; in eval mode the boxes of the
+        unselected tokens are left out (only the loss needs them): enc_boxes_unact is None."""
         proposals, valid = encoder_proposals(mask, shapes)
         out_memory = memory.masked_fill(~valid[..., None], 0.0)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_logits = class_head(out_memory)
-        enc_boxes = box_head(out_memory) + proposals
         score = enc_logits[..., 0] if self.query_init == "embedding" else enc_logits.max(-1).values
         # tokens without a proposal (padding, image border) are never picked (the official
         # code may pick them): a padded batch then gives what its images give alone
         score = score.masked_fill(~valid, float("-inf"))
         topk = score.topk(self.num_queries, dim=1).indices
-        boxes = enc_boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        if self.training:
+            enc_boxes = box_head(out_memory) + proposals
+            boxes = enc_boxes.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
+        else:
+            take = lambda x: x.gather(1, topk[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+            enc_boxes, boxes = None, box_head(take(out_memory)) + take(proposals)
         pos = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(boxes, self.d_model // 2)))
         if self.query_init == "embedding":
             query_pos, tgt = pos.split(self.d_model, -1)

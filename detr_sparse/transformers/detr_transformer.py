@@ -13,6 +13,16 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def apply_in_chunks(fn, x: Tensor, rows: int = 2048) -> Tensor:
+    """fn(x) for a token-wise fn, over chunks of `rows` tokens when no gradient is recorded:
+    a chunk's wide hidden activations (an FFN's) then stay in cache, about 2x faster on a CPU
+    for large maps. x (..., C) -> (..., C')."""
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() or flat.shape[0] <= rows:
+        return fn(x)
+    return torch.cat([fn(chunk) for chunk in flat.split(rows)]).view(*x.shape[:-1], -1)
+
+
 class FFN(nn.Module):
     def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
         super().__init__()
@@ -21,7 +31,7 @@ class FFN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return apply_in_chunks(lambda t: self.linear2(self.dropout(F.relu(self.linear1(t)))), x)
 
 
 class EncoderLayer(nn.Module):

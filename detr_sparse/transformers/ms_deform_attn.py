@@ -81,7 +81,8 @@ class MSDeformAttn(nn.Module):
         b, q, _ = query.shape
         m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value_input)
-        if padding_mask is not None:
+        # (a CPU batch without padding skips the pass; on CUDA the check would cost a sync)
+        if padding_mask is not None and (value.is_cuda or padding_mask.any()):
             value = value.masked_fill_(padding_mask[..., None], 0.0)  # value_proj's fresh output
         value = value.view(b, value.shape[1], m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(b, q, m, n_levels, n_points, 2)

@@ -143,3 +143,4 @@ def test_build_backbone_swin_and_its_config_errors():
         build_backbone(BackboneConfig(name="swin_x"), ("res3",))
     with pytest.raises(ValueError, match="model.backbone.dilation: not supported by swin"):
         build_backbone(BackboneConfig(name="swin_t", dilation=True), ("res3",))
+

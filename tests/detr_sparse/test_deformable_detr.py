@@ -37,7 +37,7 @@ def test_a_padded_batch_gives_what_each_image_gives_alone(variant):
     """From the projected maps on: padding with garbage must not leak into the valid tokens.
     (The CNN backbone itself sees the zero-padded image differently at the valid border, so
     the maps of each image alone are padded here instead.)"""
-    model = _model(VARIANTS[variant]).eval()
+    model = _model(VARIANTS[variant]).train()  # dropout 0; training also gives every proposal's box
     with torch.no_grad():
         alone, srcs, masks = padded_feature_batch(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
         batched = model.predict(srcs, masks)

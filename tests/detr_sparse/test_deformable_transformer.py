@@ -111,12 +111,17 @@ def test_decoder_refines_detached_references_layer_by_layer():
 def test_two_stage_queries_come_from_valid_proposals():
     for query_init in ("embedding", "memory"):
         t = DeformableTransformer(32, 4, 1, 2, 64, 0.0, n_levels=2, enc_n_points=2, dec_n_points=2,
-                                  two_stage=True, num_queries=6, query_init=query_init).eval()
+                                  two_stage=True, num_queries=6, query_init=query_init).train()
         srcs, masks, pos = _inputs()
         for m in masks:
             m[1, :, m.shape[2] // 2:] = True
-        out = t(srcs, masks, pos, enc_heads=(nn.Linear(32, 3), nn.Linear(32, 4)))
+        heads = (nn.Linear(32, 3), nn.Linear(32, 4))
+        out = t(srcs, masks, pos, enc_heads=heads)
         assert out["enc_logits"].shape == (2, 48 + 12, 3) and out["hs"].shape == (2, 2, 6, 32)
         ref = out["references"][0]
         assert ref.shape == (2, 6, 4) and ((ref > 0) & (ref < 1)).all()
         assert torch.isinf(out["enc_boxes_unact"][out["mask"]]).all()
+        with torch.no_grad():  # in eval only the selected proposals get boxes, the same ones
+            evaluated = t.eval()(srcs, masks, pos, enc_heads=heads)
+        assert evaluated["enc_boxes_unact"] is None
+        torch.testing.assert_close(evaluated["references"][0], ref)

@@ -1,0 +1,91 @@
+import torch
+
+from engine.visualize import overlay, side_by_side, sparsity_panels, token_heatmap
+
+# two levels over an 8x8 padded batch: 4x4 tokens (stride 2) then 2x2 (stride 4)
+SHAPES = torch.tensor([[4, 4], [2, 2]])
+STARTS = torch.tensor([0, 16])
+
+
+def _valid():
+    """A 6x6 image in the 8x8 batch: level 0 has its last row and column padded."""
+    valid = torch.ones(20, dtype=torch.bool)
+    level0 = valid[:16].view(4, 4)
+    level0[3, :] = False
+    level0[:, 3] = False
+    return valid
+
+
+def test_a_kept_token_lights_its_block_at_both_resolutions_cropped_to_the_image():
+    values = torch.zeros(20)
+    values[0 + 1 * 4 + 2] = 1.0  # level 0, row 1, column 2: pixels rows 2-3, columns 4-5
+    values[16 + 0 * 2 + 1] = 1.0  # level 1, row 0, column 1: pixels rows 0-3, columns 4-7
+    heat = token_heatmap(values, SHAPES, STARTS, _valid(), (6, 6), (8, 8))
+    expected = torch.zeros(6, 6)
+    expected[0:4, 4:6] = 0.5  # level 1 only
+    expected[2:4, 4:6] = 1.0  # both levels
+    assert heat.shape == (6, 6) and heat.dtype == torch.float32
+    assert torch.equal(heat, expected)
+
+
+def test_levels_are_normalised_apart_and_padded_tokens_ignored():
+    values = torch.zeros(20)
+    values[0] = 0.25  # level 0, row 0, column 0 -> 1 after its level's normalisation
+    values[16 + 3] = 40.0  # level 1, row 1, column 1 -> 1 as well
+    values[0 + 2 * 4 + 3] = 1000.0  # a padded level-0 token (cropped away anyway)
+    values[0 + 1 * 4 + 1] = 1000.0  # a token marked as padding inside the image: ignored too
+    valid = _valid()
+    valid[0 + 1 * 4 + 1] = False
+    heat = token_heatmap(values, SHAPES, STARTS, valid, (6, 6), (8, 8))
+    assert heat[0, 0] == 0.5 and heat[5, 5] == 0.5 and heat[0, 5] == 0
+    assert heat.max() == 0.5 and heat.min() == 0  # the padded tokens do not count
+    # an empty map stays zero rather than dividing by zero
+    assert torch.equal(token_heatmap(torch.zeros(20), SHAPES, STARTS, _valid(), (6, 6), (8, 8)),
+                       torch.zeros(6, 6))
+
+
+def test_overlay_keeps_shape_and_dtype_and_tints_only_where_hot():
+    image = torch.full((3, 5, 7), 100, dtype=torch.uint8)
+    heat = torch.zeros(5, 7)
+    heat[2, 3] = 1.0
+    out = overlay(image, heat, color=(255, 0, 0), alpha=0.5)
+    assert out.shape == image.shape and out.dtype == torch.uint8
+    assert out[:, 2, 3].tolist() == [178, 50, 50]  # halfway to red (rounded)
+    out[:, 2, 3] = 100
+    assert torch.equal(out, image)
+
+
+def test_panels_are_two_images_wide_with_a_gap():
+    image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8)
+    kept = torch.zeros(20, dtype=torch.bool)
+    kept[5] = True
+    panels = sparsity_panels(image, kept, torch.rand(20), SHAPES, STARTS, _valid(), (8, 8))
+    assert panels.dtype == torch.uint8 and panels.shape == (3, 6, 2 * 6 + 4)
+    assert (panels[:, :, 6:10] == 255).all()  # the white gap
+    assert side_by_side([image, image, image], gap=2).shape == (3, 6, 3 * 6 + 2 * 2)
+
+
+def test_trainer_evaluation_logs_sparsity_pictures(tiny_coco, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+    from engine.logger import setup_logging
+    from engine.trainer import Trainer
+    from helpers import TINY_DEFORMABLE, tiny_overrides
+
+    opts = tiny_overrides(tiny_coco, tmp_path) + TINY_DEFORMABLE + [
+        "model.name=sparse_detr", "model.two_stage=true", "model.with_box_refine=true",
+        "model.sparse.rho=0.3", "train.epochs=1", "train.max_iters=2", "eval.num_vis_images=3"]
+    setup_logging(tmp_path, True)
+    trainer = Trainer(load_config(None, opts), DistInfo())
+    trainer.train()
+    trainer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"val/prediction_0", "val/sparsity_0", "val/sparsity_2"} <= tags
+    assert "val/sparsity_3" not in tags  # 3 asked for, 4 val images
+    first = events.Images("val/sparsity_0")[-1]
+    prediction = events.Images("val/prediction_0")[-1]
+    assert first.height == prediction.height and first.width == 2 * prediction.width + 4

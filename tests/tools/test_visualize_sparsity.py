@@ -1,0 +1,40 @@
+import pytest
+from PIL import Image
+
+from engine.visualize import GAP
+from helpers import REPO, TINY_DEFORMABLE, tiny_overrides
+from tools import visualize_sparsity
+
+SPARSE = ["model.name=sparse_detr", "model.two_stage=true", "model.with_box_refine=true",
+          "model.sparse.rho=0.3"]
+
+
+def _opts(tiny_coco, tmp_path, *extra):
+    return ["--config", str(REPO / "configs/sparse_detr_r50.yaml"), "--out", str(tmp_path / "pictures"),
+            "--opts", *tiny_overrides(tiny_coco, tmp_path), *TINY_DEFORMABLE, *SPARSE, *extra]
+
+
+def test_writes_three_panel_pictures_and_prints_the_sparsity(tiny_coco, tmp_path, capsys):
+    rows = visualize_sparsity.main(["--num-images", "2", *_opts(tiny_coco, tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and len(lines) == 2
+    for i, (row, line) in enumerate(zip(rows, lines)):
+        path = tmp_path / "pictures" / f"sparsity_{i}.png"
+        assert row["path"] == str(path) and line.startswith(f"{path}: image ")
+        assert "kept 0." in line and "DAM-referenced kept" in line
+        h, w = row["size"]
+        assert Image.open(path).size == (3 * w + 2 * GAP, h)  # detections | kept | DAM
+        assert len(row["kept_levels"]) == len(row["dam_in_kept_levels"]) == 3
+        assert abs(row["kept"] - 0.3) < 0.05  # int(valid * rho) + 1 of the valid tokens
+        assert 0 <= row["dam_in_kept"] <= 1
+
+
+def test_rho_override_and_a_dense_encoder_is_refused(tiny_coco, tmp_path, capsys):
+    rows = visualize_sparsity.main(["--num-images", "1", "--rho", "0.6", *_opts(tiny_coco, tmp_path)])
+    assert abs(rows[0]["kept"] - 0.6) < 0.05
+    with pytest.raises(SystemExit):
+        visualize_sparsity.main(["--rho", "0", *_opts(tiny_coco, tmp_path)])
+    assert "dense encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        visualize_sparsity.main(_opts(tiny_coco, tmp_path, "model.name=deformable_detr_plus"))
+    assert "no sparse encoder" in capsys.readouterr().err
