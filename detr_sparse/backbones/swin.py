@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.ops.misc import MLP
 
 from ..transformers.detr_transformer import apply_in_chunks
@@ -48,6 +49,7 @@ class SwinBackbone(nn.Module):
             block.stochastic_depth.p = drop_path_rate * i / (len(blocks) - 1)
         for block in blocks:
             block.mlp = ChunkedMLP.from_torchvision(block.mlp)
+            block.attn = WindowAttention.from_torchvision(block.attn)
         last = max(_NAMES.index(n) for n in out_features)
         self.features = net.features[: 2 * last + 2]
         embed_dim = net.features[0][0].out_channels
@@ -116,3 +118,82 @@ class ChunkedMLP(MLP):
 
     def forward(self, x: Tensor) -> Tensor:
         return apply_in_chunks(super().forward, x)
+
+
+class WindowAttention(ShiftedWindowAttention):
+    """torchvision's (shifted) window attention, same parameters, names and result, faster
+    on a CPU for large maps: padding, cyclic shift and window partition are one precomputed
+    gather (and their reverse one more), and without gradients the windows go through the
+    attention in chunks, so a chunk's query/key/value stay in cache (Swin-T stage 1 at
+    800x1066 has 1,100 windows whose qkv take 60 MB)."""
+
+    chunk_tokens = 2048
+
+    @classmethod
+    def from_torchvision(cls, attn: ShiftedWindowAttention) -> "WindowAttention":
+        new = cls(attn.qkv.in_features, attn.window_size, attn.shift_size, attn.num_heads,
+                  attn.qkv.bias is not None, attn.proj.bias is not None, attn.attention_dropout,
+                  attn.dropout)
+        new.load_state_dict(attn.state_dict())
+        return new
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._layouts: dict = {}
+
+    def layout(self, h: int, w: int, device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For an h x w map: the padded-map index of every token in window order, each map
+        token's position in window order, and the shift mask (windows, N, N) or None."""
+        key = (h, w, str(device))
+        if key not in self._layouts:
+            (wh, ww), (sh, sw) = self.window_size, list(self.shift_size)
+            ph, pw = -(-h // wh) * wh, -(-w // ww) * ww
+            sh, sw = (0 if wh >= ph else sh), (0 if ww >= pw else sw)  # as torchvision
+            grid = torch.arange(ph * pw, device=device).view(ph, pw)
+
+            def windowed(t: Tensor) -> Tensor:
+                return t.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+            gather = windowed(torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))).flatten()
+            position = torch.empty_like(gather)
+            position[gather] = torch.arange(gather.numel(), device=device)
+            position = position.view(ph, pw)[:h, :w].flatten()
+            mask = None
+            if sh or sw:  # tokens from different regions of the rolled map must not attend
+                region = torch.zeros(ph, pw, device=device)
+                for i, rows in enumerate((slice(0, -wh), slice(-wh, -sh or None), slice(-sh or ph, None))):
+                    for j, cols in enumerate((slice(0, -ww), slice(-ww, -sw or None), slice(-sw or pw, None))):
+                        region[rows, cols] = 3 * i + j
+                region = windowed(region)
+                mask = (region[:, None, :] != region[:, :, None]).float() * -100.0
+            self._layouts[key] = (gather, position, mask)
+        return self._layouts[key]
+
+    def attend(self, windows: Tensor, bias: Tensor) -> Tensor:
+        """windows (W, N, C) of tokens, bias (W or 1, heads, N, N) -> (W, N, C)."""
+        n, c, heads = windows.shape[1], windows.shape[2], self.num_heads
+        qkv = F.linear(windows, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(-1, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+        attn = F.dropout(attn, p=self.attention_dropout, training=self.training)
+        out = F.linear((attn @ v).transpose(1, 2).reshape(-1, n, c), self.proj.weight, self.proj.bias)
+        return F.dropout(out, p=self.dropout, training=self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        gather, position, mask = self.layout(h, w, x.device)
+        (wh, ww) = self.window_size
+        n = wh * ww
+        padded = F.pad(x, (0, 0, 0, -w % ww, 0, -h % wh)).flatten(1, 2)
+        windows = padded[:, gather].view(-1, n, c)  # (B * windows, N, C)
+        bias = self.get_relative_position_bias()  # (1, heads, N, N)
+        if mask is not None:
+            bias = (bias + mask[:, None]).repeat(b, 1, 1, 1)  # (B * windows, heads, N, N)
+        step = max(self.chunk_tokens // n, 1)
+        if torch.is_grad_enabled() or windows.shape[0] <= step:
+            out = self.attend(windows, bias)
+        else:
+            out = torch.cat([self.attend(windows[i:i + step], bias if mask is None else bias[i:i + step])
+                             for i in range(0, windows.shape[0], step)])
+        return out.view(b, -1, c)[:, position].view(b, h, w, c)

@@ -144,3 +144,33 @@ def test_build_backbone_swin_and_its_config_errors():
     with pytest.raises(ValueError, match="model.backbone.dilation: not supported by swin"):
         build_backbone(BackboneConfig(name="swin_t", dilation=True), ("res3",))
 
+
+
+@pytest.mark.parametrize("size", [(61, 93), (7, 9), (14, 14)])
+def test_window_attention_equals_torchvision_chunked_or_not(size):
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from detr_sparse.backbones.swin import WindowAttention
+
+    torch.manual_seed(0)
+    for shift in ([0, 0], [3, 3]):
+        reference = ShiftedWindowAttention(32, [7, 7], shift, num_heads=2).eval()
+        torch.nn.init.normal_(reference.relative_position_bias_table)
+        fast = WindowAttention.from_torchvision(reference).eval()
+        x = torch.randn(2, *size, 32)
+        with torch.no_grad():
+            expected = reference(x)
+            for chunk in (49, 2048):  # one window per chunk, and all at once
+                fast.chunk_tokens = chunk
+                torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)  # with gradients
+
+
+def test_chunked_mlp_equals_torchvision():
+    from detr_sparse.backbones.swin import ChunkedMLP
+
+    net = torchvision.models.swin_t().features[1][0].mlp.eval()
+    fast = ChunkedMLP.from_torchvision(net).eval()
+    x = torch.randn(1, 60, 70, 96)  # 4200 tokens: three chunks
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-5, rtol=1e-5)

@@ -63,3 +63,13 @@ def test_bf16_autocast_training_step_is_finite():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_ffn_in_chunks_without_gradients_equals_the_whole():
+    from detr_sparse.transformers.detr_transformer import FFN
+
+    ffn = FFN(16, 64, 0.0)
+    x = torch.randn(2, 3000, 16)  # 6000 tokens: three chunks of 2048 and a rest
+    whole = ffn(x)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), whole)

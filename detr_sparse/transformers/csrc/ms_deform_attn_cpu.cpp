@@ -15,6 +15,10 @@
 
 namespace {
 
+// samples per value row above which the forward pass copies the value head-major
+// (measured at 800x1066: in place is 2.5x faster for 300 queries, 1.2x slower for 1783)
+constexpr int64_t kHeadMajorReads = 4;
+
 struct Shape {
   int64_t b, s, m, d, q, l, p;
 };
@@ -58,14 +62,16 @@ inline bool corners(T lx, T ly, int64_t h, int64_t w, int64_t start, Corners<T>&
   return true;
 }
 
+// value is read through its strides (batch, token, head; channels contiguous): head-major
+// storage (a transposed copy) or the (B, S, M, D) tensor as it comes.
 template <typename T>
-void forward_kernel(const Shape& n, const T* value, const int64_t* hw, const int64_t* starts,
-                    const T* loc, const T* attn, T* out) {
+void forward_kernel(const Shape& n, const T* value, const int64_t* vs, const int64_t* hw,
+                    const int64_t* starts, const T* loc, const T* attn, T* out) {
   at::parallel_for(0, n.b * n.m, 1, [&](int64_t begin, int64_t end) {
     Corners<T> c;
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / n.m, m = bm % n.m;
-      const T* head = value + bm * n.s * n.d;
+      const T* head = value + b * vs[0] + m * vs[2];
       for (int64_t q = 0; q < n.q; ++q) {
         const int64_t bqm = (b * n.q + q) * n.m + m;
         T* acc = out + bqm * n.d;
@@ -77,7 +83,7 @@ void forward_kernel(const Shape& n, const T* value, const int64_t* hw, const int
             for (int k = 0; k < 4; ++k) {
               if (c.row[k] < 0) continue;
               const T wk = attn[s] * c.w[k];
-              const T* v = head + c.row[k] * n.d;
+              const T* v = head + c.row[k] * vs[1];
               for (int64_t i = 0; i < n.d; ++i) acc[i] += wk * v[i];
             }
           }
@@ -133,11 +139,16 @@ void backward_kernel(const Shape& n, const T* grad_out, const T* value, const in
 at::Tensor msda_forward(const at::Tensor& value_, const at::Tensor& shapes_, const at::Tensor& starts_,
                         const at::Tensor& loc_, const at::Tensor& attn_) {
   const Shape n = check(value_, shapes_, starts_, loc_, attn_);
-  auto value = value_.transpose(1, 2).contiguous(), loc = loc_.contiguous(), attn = attn_.contiguous();
+  // Many samples per value row (the encoder's dense self-attention): copy the value
+  // head-major first, so one head's rows sit together in cache. Few (a decoder's 300
+  // queries, a sparse encoder's kept tokens): read it in place and save the copy.
+  auto value = value_.contiguous();
+  if (n.q * n.l * n.p * 4 > kHeadMajorReads * n.s) value = value.transpose(1, 2).contiguous().transpose(1, 2);
+  auto loc = loc_.contiguous(), attn = attn_.contiguous();
   auto shapes = shapes_.to(at::kLong).contiguous(), starts = starts_.to(at::kLong).contiguous();
   auto out = at::empty({n.b, n.q, n.m * n.d}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "msda_forward", [&] {
-    forward_kernel<scalar_t>(n, value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+    forward_kernel<scalar_t>(n, value.data_ptr<scalar_t>(), value.strides().data(), shapes.data_ptr<int64_t>(),
                              starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(),
                              attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
