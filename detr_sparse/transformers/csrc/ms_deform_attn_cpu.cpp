@@ -62,31 +62,58 @@ inline bool corners(T lx, T ly, int64_t h, int64_t w, int64_t start, Corners<T>&
   return true;
 }
 
+// One query's reads: value rows (offsets into the head) and their weights.
+template <typename T>
+struct Reads {
+  std::vector<int64_t> offset;
+  std::vector<T> weight;
+  int64_t count = 0;
+};
+
 // value is read through its strides (batch, token, head; channels contiguous): head-major
-// storage (a transposed copy) or the (B, S, M, D) tensor as it comes.
+// storage (a transposed copy) or the (B, S, M, D) tensor as it comes. The reads are
+// random, so each query's rows are listed and prefetched while the previous query's are
+// summed: the memory latency then overlaps the arithmetic.
 template <typename T>
 void forward_kernel(const Shape& n, const T* value, const int64_t* vs, const int64_t* hw,
                     const int64_t* starts, const T* loc, const T* attn, T* out) {
   at::parallel_for(0, n.b * n.m, 1, [&](int64_t begin, int64_t end) {
     Corners<T> c;
+    Reads<T> reads[2];
+    for (auto& r : reads) {
+      r.offset.resize(n.l * n.p * 4);
+      r.weight.resize(n.l * n.p * 4);
+    }
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / n.m, m = bm % n.m;
       const T* head = value + b * vs[0] + m * vs[2];
-      for (int64_t q = 0; q < n.q; ++q) {
+      auto list = [&](int64_t q, Reads<T>& r) {
+        r.count = 0;
         const int64_t bqm = (b * n.q + q) * n.m + m;
-        T* acc = out + bqm * n.d;
-        for (int64_t i = 0; i < n.d; ++i) acc[i] = 0;
         for (int64_t l = 0; l < n.l; ++l) {
           for (int64_t p = 0; p < n.p; ++p) {
             const int64_t s = (bqm * n.l + l) * n.p + p;
             if (!corners(loc[2 * s], loc[2 * s + 1], hw[2 * l], hw[2 * l + 1], starts[l], c)) continue;
             for (int k = 0; k < 4; ++k) {
               if (c.row[k] < 0) continue;
-              const T wk = attn[s] * c.w[k];
-              const T* v = head + c.row[k] * vs[1];
-              for (int64_t i = 0; i < n.d; ++i) acc[i] += wk * v[i];
+              r.offset[r.count] = c.row[k] * vs[1];
+              r.weight[r.count++] = attn[s] * c.w[k];
+              __builtin_prefetch(head + c.row[k] * vs[1]);
+              __builtin_prefetch(head + c.row[k] * vs[1] + n.d - 1);
             }
           }
+        }
+      };
+      if (n.q > 0) list(0, reads[0]);
+      for (int64_t q = 0; q < n.q; ++q) {
+        if (q + 1 < n.q) list(q + 1, reads[(q + 1) & 1]);
+        const Reads<T>& r = reads[q & 1];
+        T* acc = out + ((b * n.q + q) * n.m + m) * n.d;
+        for (int64_t i = 0; i < n.d; ++i) acc[i] = 0;
+        for (int64_t j = 0; j < r.count; ++j) {
+          const T w = r.weight[j];
+          const T* v = head + r.offset[j];
+          for (int64_t i = 0; i < n.d; ++i) acc[i] += w * v[i];
         }
       }
     }
