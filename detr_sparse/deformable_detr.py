@@ -153,6 +153,10 @@ def build_deformable_detr(cfg, num_classes: int, query_init: str = "embedding",
         raise ValueError(f"model.two_stage: model '{cfg.name}' initialises its queries from "
                          "the encoder proposals and needs model.two_stage=true")
     t = cfg.transformer
+    if cfg.with_box_refine and not cfg.loss.aux_loss:
+        # each layer's refinement heads learn from that layer's loss only (the reference
+        # passed on is detached): without auxiliary losses they get no gradient
+        raise ValueError("model.loss.aux_loss: box refinement needs the auxiliary decoder losses")
     if t.num_feature_levels < 1:
         raise ValueError(f"model.transformer.num_feature_levels: must be >= 1, got {t.num_feature_levels}")
     # a single configured map is DETR's default (res5): take the multi-scale default instead

@@ -10,6 +10,7 @@ Same detector contract as Deformable DETR; training also returns statistics: the
 encoder updated (`dam_in_kept_level{l}`)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .deformable_detr import DeformableDETR, build_deformable_detr, detection_head
@@ -61,9 +62,10 @@ class SparseDETR(DeformableDETR):
             extra["token_scores"] = scores
         else:
             logits = self.objectness_class(tokens)
-            boxes = (self.objectness_box(tokens) + proposals).sigmoid()
-            extra["os"] = {"pred_logits": logits, "pred_boxes": boxes, "query_mask": has_proposal}
             scores = logits.max(-1).values
+            if self.training:  # ranking needs the class scores only; the loss needs boxes too
+                boxes = (self.objectness_box(tokens) + proposals).sigmoid()
+                extra["os"] = {"pred_logits": logits, "pred_boxes": boxes, "query_mask": has_proposal}
         kept = select_top(scores, keep_counts(t.mask, self.rho), t.mask)
         memory, aux = self.sparse_encoder(t, kept, proposals)
         extra.update(kept=kept, token_map=t)
@@ -80,6 +82,8 @@ class SparseDETR(DeformableDETR):
         query = gather_tokens(t.src, kept.index)
         pos, reference = gather_tokens(t.pos, kept.index), gather_tokens(t.reference_points, kept.index)
         proposals = gather_tokens(proposals, kept.index)
+        # a kept token without a proposal (image border) has no box to learn from
+        has_proposal = torch.isfinite(proposals).all(-1) & kept.mask
         aux = []
         for i, layer in enumerate(self.transformer.encoder):
             query = layer(query, pos, reference, t.shapes, t.starts, t.mask, memory)
@@ -87,7 +91,7 @@ class SparseDETR(DeformableDETR):
             if i < len(self.enc_aux_class):
                 aux.append({"pred_logits": self.enc_aux_class[i](query),
                             "pred_boxes": (self.enc_aux_box[i](query) + proposals).sigmoid(),
-                            "query_mask": kept.mask})
+                            "query_mask": has_proposal})
         return memory, aux
 
     def forward(self, images, targets: list[dict] | None = None):
@@ -95,6 +99,9 @@ class SparseDETR(DeformableDETR):
             return super().forward(images)
         if targets is None:
             raise ValueError("Sparse DETR in training mode needs targets")
+        if self.rho <= 0:  # its scorer and auxiliary heads would get no gradient (DDP fails)
+            raise ValueError("model.sparse.rho: Sparse DETR trains with rho > 0; for the dense "
+                             "encoder train deformable_detr_plus (rho 0 is for evaluation)")
         out = self.forward_raw(images)
         losses = self.criterion(out, normalized_targets(targets, images.sizes))
         if "kept" in out:

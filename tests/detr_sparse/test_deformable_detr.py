@@ -145,6 +145,8 @@ def test_heads_are_shared_without_refinement_and_copies_with_it():
 def test_builder_config_errors_and_feature_levels():
     with pytest.raises(ValueError, match="model.two_stage"):
         _model(["model.name=deformable_detr_plus"])
+    with pytest.raises(ValueError, match="model.loss.aux_loss"):
+        _model(["model.with_box_refine=true", "model.loss.aux_loss=false"])
     # DETR's default single map is replaced by res3..res5; a 4th level is an extra conv
     model = _model(["model.backbone.out_features=[res5]", "model.transformer.num_feature_levels=4"])
     assert model.in_features == ["res3", "res4", "res5"] and len(model.input_proj) == 4

@@ -132,3 +132,11 @@ def test_sampling_flops_are_counted_alike_by_both_paths():
         assert sampling == 2 * 5 * (2 * 5 * 2 * 2 * 2 * 8)
         totals.append(counter.get_total_flops())
     assert totals[0] == totals[1]
+
+
+def test_the_kernel_refuses_shapes_that_would_read_outside_the_value():
+    value, shapes, starts, locations, weights = _inputs(1, [(4, 5), (2, 3)], 3)
+    with pytest.raises(RuntimeError, match="cover 26 tokens"):
+        msda_ops.msda_fast(value[:, :20], shapes, starts, locations, weights)
+    with pytest.raises(RuntimeError, match="heads"):
+        msda_ops.msda_fast(value[:, :, :1], shapes, starts, locations, weights)

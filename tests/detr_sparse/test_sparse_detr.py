@@ -116,3 +116,12 @@ def test_config_errors_are_named():
         _model("model.sparse.saliency=objectness")
     with pytest.raises(ValueError, match="model.two_stage"):
         _model("model.two_stage=false")
+
+
+def test_training_at_rho_zero_is_refused_but_evaluation_runs():
+    model = _model("model.sparse.rho=0.0")
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="model.sparse.rho"):
+        model.train()(images, targets)
+    with torch.no_grad():
+        assert len(model.eval()(images)) == 2

@@ -33,6 +33,17 @@ Shape check(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor&
   TORCH_CHECK(starts.numel() == shapes.size(0), "level_start_index must have L entries");
   TORCH_CHECK(value.scalar_type() == loc.scalar_type() && value.scalar_type() == attn.scalar_type(),
               "value, sampling_locations and attention_weights must share a dtype");
+  TORCH_CHECK(loc.size(0) == value.size(0) && loc.size(2) == value.size(2),
+              "sampling_locations must have value's batch size and heads");
+  TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5), "attention_weights must be sampling_locations' (B, Q, M, L, P)");
+  // every read stays inside value: the levels must tile its S tokens exactly
+  auto hw = shapes.to(at::kLong).cpu(), st = starts.to(at::kLong).cpu();
+  int64_t total = 0;
+  for (int64_t l = 0; l < hw.size(0); ++l) {
+    TORCH_CHECK(st[l].item<int64_t>() == total, "level_start_index must be the running sum of H*W");
+    total += hw[l][0].item<int64_t>() * hw[l][1].item<int64_t>();
+  }
+  TORCH_CHECK(total == value.size(1), "spatial_shapes cover ", total, " tokens but value has ", value.size(1));
   return {value.size(0), value.size(1), value.size(2), value.size(3), loc.size(1), loc.size(3),
           loc.size(4)};
 }
