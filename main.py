@@ -14,6 +14,7 @@ import sys
 from engine.config import ConfigError, load_config
 from engine.distributed import cleanup, init_distributed
 from engine.logger import setup_logging
+from engine.memory import reuse_freed_memory
 from engine.trainer import Trainer
 
 
@@ -31,6 +32,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    reuse_freed_memory()
     overrides = list(args.opts) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
         cfg = load_config(args.config, overrides)

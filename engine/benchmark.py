@@ -4,7 +4,6 @@ GFLOPs follow the detection literature (DETR, Deformable DETR, fvcore): one mult
 counts as one operation. torch's FlopCounterMode counts two, so its totals are halved here."""
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -13,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+from .memory import allocated_bytes
 
 aten = torch.ops.aten
 
@@ -90,15 +91,11 @@ def measure_latency(model: torch.nn.Module, inputs, runs: int = 3, warmup: int =
     return time_call(lambda: model(inputs), runs, warmup)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @contextmanager
 def peak_memory(device: torch.device):
     """Yields a dict whose "mb" is, on exit, the peak memory above the level at entry:
-    allocator statistics on CUDA, resident set size sampled every 2 ms on the CPU."""
+    allocator statistics on CUDA, the bytes in use (engine.memory) sampled every 2 ms on
+    the CPU."""
     result = {"mb": 0.0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,13 +103,13 @@ def peak_memory(device: torch.device):
         yield result
         result["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         return
-    base = _rss_bytes()
+    base = allocated_bytes()
     peak = [base]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], allocated_bytes())
             time.sleep(0.002)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -122,7 +119,7 @@ def peak_memory(device: torch.device):
     finally:
         stop.set()
         thread.join()
-        result["mb"] = (max(peak[0], _rss_bytes()) - base) / 2**20
+        result["mb"] = (max(peak[0], allocated_bytes()) - base) / 2**20
 
 
 def train_images_per_second(trainer, iters: int, warmup: int) -> float:

@@ -27,6 +27,7 @@ from engine.benchmark import count_flops, measure_latency, peak_memory, train_im
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
+from engine.memory import reuse_freed_memory  # noqa: E402
 
 
 def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBatch:
@@ -188,6 +189,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3, help="--train: runs per process count (median kept)")
     p.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_worker:

@@ -24,6 +24,7 @@ from engine.benchmark import count_flops, measure_latency  # noqa: E402
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import DistInfo, resolve_device  # noqa: E402
+from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import evaluate  # noqa: E402
 from engine.trainer import make_loader  # noqa: E402
 
@@ -61,6 +62,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", action="store_true", help="also print one JSON object per rho")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
+    reuse_freed_memory()
     cfg = load_config(args.config, args.opts)
     device = resolve_device(cfg.device)
     val_set = build_dataset(cfg.data, "val")
