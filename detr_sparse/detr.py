@@ -65,6 +65,10 @@ class DETR(nn.Module):
         aux_outputs for the earlier decoder layers."""
         src, mask, pos = self.tokens(images)
         hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)
+        return self.predictions(hs)
+
+    def predictions(self, hs: Tensor) -> dict:
+        """Decoder outputs (layers, B, Q, C) -> pred_logits, pred_boxes, aux_outputs."""
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
@@ -81,7 +85,8 @@ class DETR(nn.Module):
         return postprocess_softmax(out, images.sizes)
 
 
-def build_detr(cfg, num_classes: int) -> DETR:
+def build_detr(cfg, num_classes: int, model_cls=DETR, **model_kwargs) -> DETR:
+    """model.name "detr"; model_cls / model_kwargs: a subclass on the same parts (PnP-DETR)."""
     backbone = build_backbone(cfg.backbone, out_features=tuple(cfg.backbone.out_features))
     t = cfg.transformer
     transformer = Transformer(t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers,
@@ -89,4 +94,5 @@ def build_detr(cfg, num_classes: int) -> DETR:
     loss = cfg.loss
     criterion = SetCriterion(num_classes, build_matcher(loss), loss.cls_weight,
                              loss.bbox_weight, loss.giou_weight, loss.eos_coef)
-    return DETR(backbone, transformer, num_classes, cfg.num_queries, criterion, loss.aux_loss)
+    return model_cls(backbone, transformer, num_classes, cfg.num_queries, criterion, loss.aux_loss,
+                     **model_kwargs)

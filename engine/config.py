@@ -69,6 +69,16 @@ class SparseConfig:
 
 
 @dataclass
+class PnPConfig:
+    """PnP-DETR's poll-and-pool sampler."""
+    poll_ratio: float = 0.33  # share of each image's tokens polled as fine tokens (inference, fixed training)
+    # training: a ratio drawn uniformly from [min, max] every iteration; [] = poll_ratio always
+    random_ratio: list[float] = field(default_factory=list)
+    num_coarse: int = 30  # pooled coarse tokens M (the official code: 30 for C5, 100 for DC5)
+    score_loss_weight: float = 1e-4  # the poll-score regulariser
+
+
+@dataclass
 class ModelConfig:
     name: str = "detr"
     num_classes: int = 0  # 0: taken from the training set's categories
@@ -79,6 +89,7 @@ class ModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    pnp: PnPConfig = field(default_factory=PnPConfig)
 
 
 @dataclass
