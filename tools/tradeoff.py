@@ -1,11 +1,13 @@
-"""Sparse DETR's accuracy / cost trade-off from one trained model: for each keep ratio rho,
-val AP and AP50, GFLOPs (without and with the deformable sampling) and median latency.
+"""The accuracy / cost trade-off of a token-sparse model from one checkpoint: for each ratio
+(Sparse DETR's keep ratio rho, PnP-DETR's poll ratio), val AP and AP50, GFLOPs (in total,
+without the deformable sampling, of the encoder and of the whole transformer) and median
+latency.
 
     python tools/tradeoff.py --config out/sparse/config.yaml --checkpoint out/sparse/checkpoint.pth \
-        --rho 0.1 0.2 0.3 0.5 1.0 [--size H W] [--json]
+        --ratio 0.1 0.2 0.3 0.5 1.0 [--size H W] [--json]
 
 GFLOPs and latency are measured on one input: a random --size image, or by default the first
-val image at its evaluation size; rho 0 is the dense encoder (Deformable DETR+)."""
+val image at its evaluation size. Sparse DETR at rho 0 runs the dense encoder."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# the attribute each model exposes for its ratio
+RATIO_ATTRIBUTES = ("rho", "poll_ratio")
 
 from datasets import build_dataset  # noqa: E402
 from datasets.coco_eval import CocoEvaluator  # noqa: E402
@@ -29,37 +34,46 @@ from engine.train import evaluate  # noqa: E402
 from engine.trainer import make_loader  # noqa: E402
 
 
-def tradeoff(model, val_set, loader, inputs: ImageBatch, rhos: list[float], runs: int) -> list[dict]:
+def ratio_attribute(model) -> str | None:
+    return next((a for a in RATIO_ATTRIBUTES if hasattr(model, a)), None)
+
+
+def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], runs: int) -> list[dict]:
+    attribute = ratio_attribute(model)
+    transformer_parts = [p for p in model.parts if p not in ("backbone", "other")]
     rows = []
-    for rho in rhos:
-        model.rho = rho
+    for ratio in ratios:
+        setattr(model, attribute, ratio)
         evaluator = CocoEvaluator(val_set.coco, val_set.label_to_cat_id, ("bbox",))
         stats = evaluate(model, loader, evaluator, inputs.tensors.device, show_progress=False)["bbox"]
         flops = count_flops(model, inputs, model.parts)
         sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
-        rows.append({"rho": rho, "AP": stats["AP"], "AP50": stats["AP50"], "gflops": flops.total,
+        rows.append({"ratio": ratio, "AP": stats["AP"], "AP50": stats["AP50"], "gflops": flops.total,
                      "gflops_without_sampling": flops.total - sampling,
                      "gflops_encoder": flops.by_part["encoder"],
+                     "gflops_transformer": sum(flops.by_part[p] for p in transformer_parts),
                      "latency_s": measure_latency(model, inputs, runs=runs)})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("rho | AP | AP50 | GFLOPs | w/o sampling | encoder GFLOPs | latency s")
+    print("ratio | AP | AP50 | GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s")
     for r in rows:
-        print(f"{r['rho']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['gflops']:.3f} | "
-              f"{r['gflops_without_sampling']:.3f} | {r['gflops_encoder']:.3f} | {r['latency_s']:.4f}")
+        print(f"{r['ratio']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['gflops']:.3f} | "
+              f"{r['gflops_without_sampling']:.3f} | {r['gflops_encoder']:.3f} | "
+              f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f}")
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint", default="", help="trained weights (random weights without)")
-    p.add_argument("--rho", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 1.0])
+    p.add_argument("--ratio", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.5, 1.0],
+                   help="Sparse DETR's rho or PnP-DETR's poll ratio")
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="a random input of this size for GFLOPs / latency (default: first val image)")
     p.add_argument("--runs", type=int, default=3, help="latency: median of this many runs")
-    p.add_argument("--json", action="store_true", help="also print one JSON object per rho")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per ratio")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
     reuse_freed_memory()
@@ -67,15 +81,15 @@ def main(argv=None) -> list[dict]:
     device = resolve_device(cfg.device)
     val_set = build_dataset(cfg.data, "val")
     model = build_eval_model(cfg.model, val_set.num_classes, args.checkpoint, device)
-    if not hasattr(model, "rho"):
-        p.error(f"model.name '{cfg.model.name}' has no keep ratio: use a sparse_detr config")
+    if ratio_attribute(model) is None:
+        p.error(f"model.name '{cfg.model.name}' has no token ratio: use a sparse_detr or pnp_detr config")
     loader = make_loader(val_set, cfg.eval.batch_size, False, 0, cfg.train.seed, DistInfo(device=device))
     if args.size:
         pixels = torch.randn(3, *args.size, generator=torch.Generator().manual_seed(0))
     else:
         pixels = val_set[0][0]
     inputs = ImageBatch.from_images([pixels]).to(device)
-    rows = tradeoff(model, val_set, loader, inputs, args.rho, args.runs)
+    rows = tradeoff(model, val_set, loader, inputs, args.ratio, args.runs)
     print_table(rows)
     if args.json:
         for r in rows:
