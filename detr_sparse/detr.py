@@ -55,6 +55,7 @@ class DETR(nn.Module):
         """The transformer's input: projected features (B, N, C), padding mask (B, N) with
         True at padding, and position embeddings (B, N, C)."""
         feature = self.backbone(images.tensors)[self.feature_name]
+        self._last_feature_shape = tuple(feature.shape[-2:])  # for the token maps of pictures
         mask = mask_to_feature(images.mask, feature.shape[-2:])
         pos = self.position_embedding(mask).flatten(2).transpose(1, 2)
         src = self.input_proj(feature).flatten(2).transpose(1, 2)

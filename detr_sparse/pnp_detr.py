@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from .detr import DETR, build_detr, normalized_targets
 from .image_batch import ImageBatch
 from .sparsity.pnp import PollAndPool, SampledTokens, score_regulariser
@@ -34,7 +36,15 @@ class PnPDETR(DETR):
 
     def sample(self, images: ImageBatch) -> SampledTokens:
         src, mask, pos = self.tokens(images)
-        return self.sampler(src, mask, pos, self.ratio())
+        return self.sampler(src, mask, pos, self.ratio(), self._last_feature_shape)
+
+    def token_maps(self, out: dict) -> dict:
+        """For pictures, from forward_raw's outputs: {"maps": {"poll score", "density"} (B, N),
+        "valid", "shapes" (one level), "starts"}."""
+        s: SampledTokens = out["sampled"]
+        h, w = s.map_shape
+        return {"maps": {"poll score": s.scores, "density": s.density()}, "valid": ~s.map_mask,
+                "shapes": torch.tensor([[h, w]]), "starts": torch.tensor([0])}
 
     def forward_raw(self, images: ImageBatch) -> dict:
         sampled = self.sample(images)

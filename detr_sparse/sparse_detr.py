@@ -108,11 +108,24 @@ class SparseDETR(DeformableDETR):
             losses.update(self.sparsity_losses(out))
         return losses
 
+    def decoder_attention_map(self, t: TokenMap) -> Tensor:
+        """The DAM (B, S) of the last forward pass, from its decoder's recorded sampling."""
+        sampling = [layer.cross_attn.sampling for layer in self.transformer.decoder]
+        return attention_map([s[0] for s in sampling], [s[1] for s in sampling], t.shapes, t.starts)
+
+    def token_maps(self, out: dict) -> dict | None:
+        """For pictures, from forward_raw's outputs: {"maps": {"kept": (B, S), "DAM": (B, S)},
+        "valid", "shapes", "starts", "counts"}; None when the encoder was dense."""
+        if "kept" not in out:
+            return None
+        t = out["token_map"]
+        return {"maps": {"kept": out["kept"].dense(t.mask.shape[1]), "DAM": self.decoder_attention_map(t)},
+                "valid": ~t.mask, "shapes": t.shapes, "starts": t.starts, "counts": out["kept"].counts}
+
     def sparsity_losses(self, out: dict) -> dict[str, Tensor]:
         """The scorer's loss against the binarised DAM (saliency "dam") and statistics."""
         kept, t = out["kept"], out["token_map"]
-        sampling = [layer.cross_attn.sampling for layer in self.transformer.decoder]
-        dam = attention_map([s[0] for s in sampling], [s[1] for s in sampling], t.shapes, t.starts)
+        dam = self.decoder_attention_map(t)
         target = binarize_top(dam, kept.counts, t.mask)
         stats = keep_statistics(kept, t.mask, t.starts)
         corr = reference_correlation(target, kept.dense(t.mask.shape[1]), t.mask, t.starts, t.shapes)

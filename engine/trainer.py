@@ -160,7 +160,7 @@ class Trainer:
         evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))
         shown, sparsity = [], []
         count = self.cfg.eval.num_vis_images
-        sparse = getattr(self.model, "rho", 0) > 0  # kept tokens and DAM pictures too
+        sparse = hasattr(self.model, "token_maps")  # pictures of its token maps too
 
         def show(images, targets, predictions):
             for img, tgt, pred in zip(images.tensors, targets, predictions):

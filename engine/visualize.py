@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torchvision.utils import draw_bounding_boxes
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from detr_sparse.sparsity.sparse_detr import attention_map
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
@@ -33,8 +32,9 @@ def draw_detections(image: torch.Tensor, prediction: dict, class_names: list[str
 
 
 # ----------------------------------------------------------------- token sparsity pictures
-KEPT_COLOR = (255, 0, 0)  # red: tokens the sparse encoder updated
-DAM_COLOR = (255, 200, 0)  # yellow-orange: the decoder's cross-attention map
+# a model's token maps in order: red (Sparse DETR's kept tokens, PnP's poll scores), then
+# yellow-orange (the decoder's attention map, PnP's computation density)
+MAP_COLORS = [(255, 0, 0), (255, 200, 0), (0, 120, 255)]
 GAP = 4  # white columns between side-by-side panels
 
 
@@ -74,43 +74,39 @@ def side_by_side(images: list[torch.Tensor], gap: int = GAP) -> torch.Tensor:
     return out
 
 
-def sparsity_overlays(image: torch.Tensor, kept: torch.Tensor, dam: torch.Tensor, shapes: torch.Tensor,
-                      starts: torch.Tensor, valid: torch.Tensor,
-                      padded_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 (3, h, w) image with its kept tokens (S,) bool in red, and with its DAM (S,)
-    in yellow-orange (see `token_heatmap` for the token layout)."""
+def token_overlays(image: torch.Tensor, maps: dict, shapes: torch.Tensor, starts: torch.Tensor,
+                   valid: torch.Tensor, padded_size: tuple[int, int]) -> list[torch.Tensor]:
+    """The uint8 (3, h, w) image once per token map {name: (S,) values}, each map's heat in
+    its own colour (see `token_heatmap` for the token layout)."""
     size = tuple(image.shape[-2:])
-    kept_heat = token_heatmap(kept.cpu(), shapes, starts, valid.cpu(), size, padded_size)
-    dam_heat = token_heatmap(dam.cpu(), shapes, starts, valid.cpu(), size, padded_size)
-    return overlay(image, kept_heat, KEPT_COLOR), overlay(image, dam_heat, DAM_COLOR)
+    return [overlay(image, token_heatmap(values.cpu(), shapes, starts, valid.cpu(), size, padded_size),
+                    MAP_COLORS[i % len(MAP_COLORS)])
+            for i, values in enumerate(maps.values())]
 
 
-def sparsity_panels(image: torch.Tensor, kept: torch.Tensor, dam: torch.Tensor, shapes: torch.Tensor,
-                    starts: torch.Tensor, valid: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (3, h, 2 * w + GAP): kept tokens (left) and DAM (right) over the image."""
-    return side_by_side(list(sparsity_overlays(image, kept, dam, shapes, starts, valid, padded_size)))
+def sparsity_panels(image: torch.Tensor, maps: dict, shapes: torch.Tensor, starts: torch.Tensor,
+                    valid: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, h, n * w + (n - 1) * GAP): the n token maps side by side over the image."""
+    return side_by_side(token_overlays(image, maps, shapes, starts, valid, padded_size))
 
 
 @torch.no_grad()
 def sparsity_maps(model, images) -> dict | None:
-    """Runs a Sparse DETR's `forward_raw` on an ImageBatch -> {"out": the raw outputs,
-    "kept" (B, S) bool, "dam" (B, S) float (the decoder's cross-attention map of this pass),
-    "valid" (B, S) bool, "shapes" (L, 2), "starts" (L,), "counts" (B,) kept per image}, all but
-    "out" on the CPU; None when the pass kept no tokens (dense encoder, rho 0)."""
-    out = model.forward_raw(images)
-    if "kept" not in out:
+    """Runs a token-sparse model's `forward_raw` on an ImageBatch -> its `token_maps` (the
+    maps {name: (B, S)}, "valid" (B, S), "shapes" (L, 2), "starts" (L,), on the CPU) with
+    "out", the raw outputs; None for a model, or a pass, without token maps."""
+    if not hasattr(model, "token_maps"):
         return None
-    t = out["token_map"]
-    sampling = [layer.cross_attn.sampling for layer in model.transformer.decoder]
-    dam = attention_map([s[0] for s in sampling], [s[1] for s in sampling], t.shapes, t.starts)
-    return {"out": out, "kept": out["kept"].dense(t.mask.shape[1]).cpu(), "dam": dam.float().cpu(),
-            "valid": (~t.mask).cpu(), "shapes": t.shapes.cpu(), "starts": t.starts.cpu(),
-            "counts": out["kept"].counts.cpu()}
+    out = model.forward_raw(images)
+    maps = model.token_maps(out)
+    return None if maps is None else {**{k: v.cpu() if torch.is_tensor(v) else v for k, v in maps.items()},
+                                      "maps": {k: v.float().cpu() for k, v in maps["maps"].items()},
+                                      "out": out}
 
 
 def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
     """`sparsity_panels` of the first `limit` images of an ImageBatch (a fresh no-grad pass
-    of `model`); [] for a model that keeps no tokens."""
+    of `model`); [] for a model without token maps."""
     maps = sparsity_maps(model, images) if limit > 0 else None
     if maps is None:
         return []
@@ -118,6 +114,6 @@ def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
     pictures = []
     for i, (h, w) in enumerate(images.sizes.tolist()[:limit]):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
-        pictures.append(sparsity_panels(image, maps["kept"][i], maps["dam"][i], maps["shapes"],
+        pictures.append(sparsity_panels(image, {k: v[i] for k, v in maps["maps"].items()}, maps["shapes"],
                                         maps["starts"], maps["valid"][i], padded))
     return pictures

@@ -1,12 +1,14 @@
-"""Where does a Sparse DETR look? For the first val images, writes DIR/sparsity_{i}.png, three
-panels side by side: the detections (red, ground truth green) | the tokens the sparse encoder
-updated (red) | the decoder's cross-attention map, DAM (yellow-orange); every level of the
-token map is upsampled to the image and the levels are averaged. Prints, per image, the kept
-share of each level's tokens and the share of the DAM-referenced tokens (the image's top
-kept-count tokens by DAM) that the encoder kept.
+"""Where does a token-sparse model spend its computation? For the first val images, writes
+DIR/sparsity_{i}.png, panels side by side: the detections (red, ground truth green), then the
+model's token maps: Sparse DETR's updated tokens (red) and decoder cross-attention map, DAM
+(yellow-orange); PnP-DETR's poll scores (red) and computation density (yellow-orange: 1 at
+polled tokens, the summed pool weights elsewhere). Every level of a map is upsampled to the
+image and the levels are averaged. Prints, per image, Sparse DETR's kept share per level and
+the share of the DAM-referenced tokens (the image's top kept-count tokens by DAM) it kept, or
+PnP-DETR's polled share.
 
     python tools/visualize_sparsity.py --config out/x/config.yaml --checkpoint out/x/checkpoint.pth \
-        --out out/x/sparsity [--num-images 4] [--rho 0.1] [--opts k=v ...]
+        --out out/x/sparsity [--num-images 4] [--ratio 0.1] [--opts k=v ...]
 
 Without --checkpoint the model keeps its random initial weights."""
 from __future__ import annotations
@@ -21,12 +23,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset, collate_fn  # noqa: E402
-from detr_sparse.postprocess import postprocess_sigmoid  # noqa: E402
+from detr_sparse.postprocess import postprocess_sigmoid, postprocess_softmax  # noqa: E402
 from detr_sparse.sparsity.sparse_detr import binarize_top, reference_correlation  # noqa: E402
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.visualize import denormalize, draw_detections, side_by_side, sparsity_maps, sparsity_overlays  # noqa: E402
+from engine.visualize import denormalize, draw_detections, side_by_side, sparsity_maps, token_overlays  # noqa: E402
 
 
 def level_shares(kept: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> list[float]:
@@ -37,23 +39,34 @@ def level_shares(kept: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) 
 
 @torch.no_grad()
 def visualize_batch(model, images, targets, class_names: list[str], threshold: float) -> list[dict]:
-    """Pictures (uint8 (3, h, 3 * w + 2 gaps)) and statistics of every image of a batch."""
+    """Pictures (uint8 (3, h, (1 + maps) * w + gaps)) and statistics of every image of a batch:
+    the kept share per level and the share of DAM-referenced tokens kept (Sparse DETR), or the
+    polled share (PnP-DETR)."""
     maps = sparsity_maps(model, images)
-    predictions = postprocess_sigmoid(maps["out"], images.sizes)
+    out = maps["out"]
+    postprocess = postprocess_softmax if "sampled" in out else postprocess_sigmoid
+    predictions = postprocess(out, images.sizes)
     padded = tuple(images.tensors.shape[-2:])
-    kept, valid, shapes, starts = maps["kept"], maps["valid"], maps["shapes"], maps["starts"]
-    referenced = binarize_top(maps["dam"], maps["counts"], ~valid)
+    valid, shapes, starts = maps["valid"], maps["shapes"], maps["starts"]
+    if "kept" in maps["maps"]:
+        kept = maps["maps"]["kept"].bool()
+        referenced = binarize_top(maps["maps"]["DAM"], maps["counts"], ~valid)
     rows = []
     for i, (h, w) in enumerate(images.sizes.tolist()):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
         prediction = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in predictions[i].items()}
         detections = draw_detections(image, prediction, class_names, threshold, targets[i])
-        panels = sparsity_overlays(image, kept[i], maps["dam"][i], shapes, starts, valid[i], padded)
-        corr = reference_correlation(referenced[i:i + 1], kept[i:i + 1], ~valid[i:i + 1], starts, shapes)
-        rows.append({"picture": side_by_side([detections, *panels]), "image_id": targets[i]["image_id"],
-                     "size": [h, w], "kept": (kept[i].sum() / valid[i].sum()).item(),
-                     "kept_levels": level_shares(kept[i], valid[i], starts),
-                     "dam_in_kept": corr[-1].item(), "dam_in_kept_levels": corr[:-1].tolist()})
+        panels = token_overlays(image, {k: v[i] for k, v in maps["maps"].items()}, shapes, starts, valid[i], padded)
+        row = {"picture": side_by_side([detections, *panels]), "image_id": targets[i]["image_id"], "size": [h, w]}
+        if "kept" in maps["maps"]:
+            corr = reference_correlation(referenced[i:i + 1], kept[i:i + 1], ~valid[i:i + 1], starts, shapes)
+            row.update({"kept": (kept[i].sum() / valid[i].sum()).item(),
+                        "kept_levels": level_shares(kept[i], valid[i], starts),
+                        "dam_in_kept": corr[-1].item(), "dam_in_kept_levels": corr[:-1].tolist()})
+        else:
+            polled = out["sampled"].polled.counts[i].item()
+            row.update({"polled": polled / valid[i].sum().item()})
+        rows.append(row)
     return rows
 
 
@@ -62,7 +75,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint", default="", help="weights to load (default: random initial weights)")
     p.add_argument("--num-images", type=int, default=4, help="first val images to draw")
-    p.add_argument("--rho", type=float, default=None, help="keep ratio to run at (default: the model's)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="Sparse DETR's rho or PnP-DETR's poll ratio to run at (default: the model's)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides")
     args = p.parse_args(argv)
@@ -70,13 +84,13 @@ def main(argv=None) -> list[dict]:
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data, "val")
     model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device)
-    if not hasattr(model, "rho"):
-        p.error(f"model.name '{cfg.model.name}' has no sparse encoder: use a sparse_detr config")
-    if args.rho is not None:
-        model.rho = args.rho
-    if model.rho <= 0:
+    if not hasattr(model, "token_maps"):
+        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr or pnp_detr config")
+    if args.ratio is not None:
+        setattr(model, "rho" if hasattr(model, "rho") else "poll_ratio", args.ratio)
+    if getattr(model, "rho", 1) <= 0:
         p.error(f"rho is {model.rho}: the dense encoder keeps no token selection to draw "
-                "(set --rho or model.sparse.rho > 0)")
+                "(set --ratio or model.sparse.rho > 0)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     count, batch = min(args.num_images, len(dataset)), max(cfg.eval.batch_size, 1)
@@ -88,10 +102,13 @@ def main(argv=None) -> list[dict]:
     for i, row in enumerate(rows):
         row["path"] = str(out / f"sparsity_{i}.png")
         Image.fromarray(row.pop("picture").permute(1, 2, 0).numpy()).save(row["path"])
+        head = f"{row['path']}: image {row['image_id']} {row['size'][0]}x{row['size'][1]}"
+        if "polled" in row:
+            print(f"{head} polled {row['polled']:.3f}")
+            continue
         levels = " ".join(f"{s:.3f}" for s in row["kept_levels"])
         dam_levels = " ".join(f"{s:.3f}" for s in row["dam_in_kept_levels"])
-        print(f"{row['path']}: image {row['image_id']} {row['size'][0]}x{row['size'][1]} "
-              f"kept {row['kept']:.3f} (levels {levels}) "
+        print(f"{head} kept {row['kept']:.3f} (levels {levels}) "
               f"DAM-referenced kept {row['dam_in_kept']:.3f} (levels {dam_levels})")
     return rows
 

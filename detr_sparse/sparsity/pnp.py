@@ -19,7 +19,7 @@ class SampledTokens:
     (B, K + M) True at padded fine slots (coarse tokens are never masked); polled: the fine
     tokens' positions in the map; pool_weights (B, N, M): each map token's share in each
     coarse token (zero at polled and padded tokens); scores (B, N) poll scores in [0, 1];
-    map_mask (B, N) the map's padding mask."""
+    map_mask (B, N) the map's padding mask; map_shape (h, w) of the map."""
 
     src: Tensor
     pos: Tensor
@@ -28,6 +28,7 @@ class SampledTokens:
     pool_weights: Tensor
     scores: Tensor
     map_mask: Tensor
+    map_shape: tuple[int, int] = (0, 0)
 
     def density(self) -> Tensor:
         """The computation density map (B, N): 1 at polled tokens, elsewhere the token's
@@ -56,7 +57,8 @@ class PollAndPool(nn.Module):
             self.pool_logits = nn.Linear(d_model, num_coarse)
             self.pool_values = nn.Linear(d_model, d_model)
 
-    def forward(self, src: Tensor, padding_mask: Tensor, pos: Tensor, ratio: float) -> SampledTokens:
+    def forward(self, src: Tensor, padding_mask: Tensor, pos: Tensor, ratio: float,
+                map_shape: tuple[int, int] = (0, 0)) -> SampledTokens:
         scores = self.score(src).squeeze(-1).sigmoid()
         polled = select_top(scores, poll_counts(padding_mask, ratio), padding_mask)
         x = self.norm(src)
@@ -75,7 +77,8 @@ class PollAndPool(nn.Module):
             src=torch.cat([fine, coarse], 1),
             pos=torch.cat([gather_tokens(pos, polled.index), coarse_pos], 1),
             mask=torch.cat([~polled.mask, padding_mask.new_zeros(b, m)], 1),
-            polled=polled, pool_weights=weights, scores=scores, map_mask=padding_mask)
+            polled=polled, pool_weights=weights, scores=scores, map_mask=padding_mask,
+            map_shape=tuple(map_shape))
 
 
 def reverse_project(out: Tensor, sampled: SampledTokens) -> Tensor:

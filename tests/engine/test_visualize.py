@@ -59,7 +59,7 @@ def test_panels_are_two_images_wide_with_a_gap():
     image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8)
     kept = torch.zeros(20, dtype=torch.bool)
     kept[5] = True
-    panels = sparsity_panels(image, kept, torch.rand(20), SHAPES, STARTS, _valid(), (8, 8))
+    panels = sparsity_panels(image, {"kept": kept, "DAM": torch.rand(20)}, SHAPES, STARTS, _valid(), (8, 8))
     assert panels.dtype == torch.uint8 and panels.shape == (3, 6, 2 * 6 + 4)
     assert (panels[:, :, 6:10] == 255).all()  # the white gap
     assert side_by_side([image, image, image], gap=2).shape == (3, 6, 3 * 6 + 2 * 2)

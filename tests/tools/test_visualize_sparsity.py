@@ -30,11 +30,22 @@ def test_writes_three_panel_pictures_and_prints_the_sparsity(tiny_coco, tmp_path
 
 
 def test_rho_override_and_a_dense_encoder_is_refused(tiny_coco, tmp_path, capsys):
-    rows = visualize_sparsity.main(["--num-images", "1", "--rho", "0.6", *_opts(tiny_coco, tmp_path)])
+    rows = visualize_sparsity.main(["--num-images", "1", "--ratio", "0.6", *_opts(tiny_coco, tmp_path)])
     assert abs(rows[0]["kept"] - 0.6) < 0.05
     with pytest.raises(SystemExit):
-        visualize_sparsity.main(["--rho", "0", *_opts(tiny_coco, tmp_path)])
+        visualize_sparsity.main(["--ratio", "0", *_opts(tiny_coco, tmp_path)])
     assert "dense encoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         visualize_sparsity.main(_opts(tiny_coco, tmp_path, "model.name=deformable_detr_plus"))
-    assert "no sparse encoder" in capsys.readouterr().err
+    assert "no token maps" in capsys.readouterr().err
+
+
+def test_pnp_detr_poll_scores_and_density(tiny_coco, tmp_path, capsys):
+    opts = ["--config", str(REPO / "configs/pnp_detr_r50.yaml"), "--out", str(tmp_path / "pics"), "--opts",
+            *tiny_overrides(tiny_coco, tmp_path), "model.name=pnp_detr", "model.pnp.num_coarse=2"]
+    rows = visualize_sparsity.main(["--num-images", "2", "--ratio", "0.5", *opts])
+    for row in rows:
+        h, w = row["size"]
+        assert Image.open(row["path"]).size == (3 * w + 2 * GAP, h)  # detections | scores | density
+        assert abs(row["polled"] - 0.5) < 0.1
+    assert "polled 0." in capsys.readouterr().out
