@@ -8,9 +8,12 @@ from detr_sparse.image_batch import ImageBatch
 
 from .coco import CocoDetection
 from .coco_eval import CocoEvaluator
+from .coco_panoptic import CocoPanoptic, build_panoptic_dataset
+from .panoptic_eval import PanopticEvaluator
 from .transforms import build_transforms
 
-__all__ = ["CocoDetection", "CocoEvaluator", "build_dataset", "build_transforms", "collate_fn"]
+__all__ = ["CocoDetection", "CocoEvaluator", "CocoPanoptic", "PanopticEvaluator", "build_dataset",
+           "build_panoptic_dataset", "build_transforms", "collate_fn"]
 
 
 def build_dataset(data_cfg, split: str) -> CocoDetection:
@@ -20,6 +23,8 @@ def build_dataset(data_cfg, split: str) -> CocoDetection:
     ``skip_unreadable``, ``seed`` and the transform fields of ``build_transforms``."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if getattr(data_cfg, "panoptic", False):
+        return build_panoptic_dataset(data_cfg, split)
     folder = data_cfg.train_split if split == "train" else data_cfg.val_split
     root = os.fspath(data_cfg.root)
     return CocoDetection(

@@ -107,6 +107,9 @@ def build_transforms(train: bool, data_cfg) -> v2.Compose:
         geometry,
         # Crops and resizes can leave boxes with no extent; they would give the matcher
         # targets with zero area (and NaN in GIoU), so drop them with their labels and masks.
+        # resizing can leave an edge-touching box a float epsilon past the image, which the
+        # sanitiser would drop with its mask and label
+        v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(labels_getter=per_box_fields),
         *_finish(),
     ])

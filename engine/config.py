@@ -111,6 +111,7 @@ class DataConfig:
     train_split: str = "train2017"
     val_split: str = "val2017"
     masks: bool = False
+    panoptic: bool = False  # COCO panoptic (annotations/panoptic_<split>.json + PNGs): things + stuff
     skip_unreadable: bool = False  # skip corrupt images with a counted warning instead of failing
     seed: int = 0  # augmentation seed; a sample's augmentation depends on (seed, epoch, index)
     flip_prob: float = 0.5

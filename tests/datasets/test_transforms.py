@@ -66,8 +66,9 @@ def test_boxes_masks_labels_stay_aligned_through_train_recipe(make_data_cfg):
             if mask.sum() >= 16:
                 mean_colour = colours[:, mask.bool()].mean(1)
                 assert mean_colour.argmax().item() == label.item(), (seed, mean_colour, label)
-    # The recipe really did crop instances away and vary the size.
-    assert len(counts) > 1 and len(sizes) > 3
+    # The recipe really did vary the size; instances cut by a crop are clamped, not dropped
+    # (an edge-touching box a float epsilon past the canvas once lost its whole instance).
+    assert len(sizes) > 3 and counts == {3}
 
 
 def test_flip_mirrors_boxes_and_masks(make_data_cfg):
