@@ -66,9 +66,11 @@ class PollAndPool(nn.Module):
         b, n, m = *src.shape[:2], self.num_coarse
         if m:
             remaining = ~padding_mask & ~polled.dense(n)
-            logits = self.pool_logits(x).masked_fill(~remaining[..., None], float("-inf"))
-            # an image with every token polled pools nothing: its all -inf columns give zeros
-            weights = logits.softmax(1).nan_to_num(0.0)  # (B, N, M)
+            logits = self.pool_logits(x)
+            # the lowest finite value rather than -inf: an image with every token polled then
+            # gets a finite softmax (zeroed just after), not NaN values and gradients
+            logits = logits.masked_fill(~remaining[..., None], torch.finfo(logits.dtype).min)
+            weights = logits.softmax(1) * remaining[..., None]  # (B, N, M)
             coarse = weights.transpose(1, 2) @ self.pool_values(x)
         else:
             weights, coarse = x.new_zeros(b, n, 0), x.new_zeros(b, 0, x.shape[-1])

@@ -127,3 +127,14 @@ def test_training_steps_reduce_loss_and_the_transformer_shrinks():
         model.poll_ratio = ratio
         encoder[ratio] = count_flops(model, images, model.parts).by_part["encoder"]
     assert encoder[0.33] < 0.45 * encoder[1.0]
+
+
+def test_polling_every_token_leaves_finite_gradients():
+    src, mask, pos = _tokens()
+    sampler = _sampler()
+    src.requires_grad_(True)
+    s = sampler(src, mask, pos, ratio=1.0)  # nothing left to pool
+    assert (s.pool_weights == 0).all() and (s.src[:, -2:] == 0).all()
+    s.src.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in sampler.parameters() if p.grad is not None)
+    assert torch.isfinite(src.grad).all()
