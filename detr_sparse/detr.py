@@ -54,12 +54,15 @@ class DETR(nn.Module):
     def tokens(self, images: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
         """The transformer's input: projected features (B, N, C), padding mask (B, N) with
         True at padding, and position embeddings (B, N, C)."""
+        src, mask, pos = self.feature_map(images)
+        return src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2)
+
+    def feature_map(self, images: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """`tokens` before flattening: projected features (B, C, h, w), padding mask (B, h, w),
+        position embeddings (B, C, h, w)."""
         feature = self.backbone(images.tensors)[self.feature_name]
-        self._last_feature_shape = tuple(feature.shape[-2:])  # for the token maps of pictures
         mask = mask_to_feature(images.mask, feature.shape[-2:])
-        pos = self.position_embedding(mask).flatten(2).transpose(1, 2)
-        src = self.input_proj(feature).flatten(2).transpose(1, 2)
-        return src, mask.flatten(1), pos
+        return self.input_proj(feature), mask, self.position_embedding(mask)
 
     def forward_raw(self, images: ImageBatch) -> dict:
         """Raw outputs: pred_logits (B, Q, K+1), pred_boxes (B, Q, 4) normalised cxcywh,

@@ -35,8 +35,9 @@ class PnPDETR(DETR):
         return self.poll_ratio
 
     def sample(self, images: ImageBatch) -> SampledTokens:
-        src, mask, pos = self.tokens(images)
-        return self.sampler(src, mask, pos, self.ratio(), self._last_feature_shape)
+        src, mask, pos = self.feature_map(images)
+        return self.sampler(src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2),
+                            self.ratio(), tuple(src.shape[-2:]))
 
     def token_maps(self, out: dict) -> dict:
         """For pictures, from forward_raw's outputs: {"maps": {"poll score", "density"} (B, N),

@@ -76,8 +76,8 @@ class SparseDETR(DeformableDETR):
 
     def sparse_encoder(self, t: TokenMap, kept: KeptTokens, proposals: Tensor) -> tuple[Tensor, list[dict]]:
         """Each layer updates the kept tokens only (sampling from the whole current map) and
-        writes them back. -> memory (B, S, C), auxiliary outputs of the earlier layers on the
-        kept tokens (boxes relative to the tokens' proposals)."""
+        writes them back. -> memory (B, S, C), in training the auxiliary outputs of the
+        earlier layers on the kept tokens (boxes relative to the tokens' proposals)."""
         memory = t.src
         query = gather_tokens(t.src, kept.index)
         pos, reference = gather_tokens(t.pos, kept.index), gather_tokens(t.reference_points, kept.index)
@@ -88,7 +88,7 @@ class SparseDETR(DeformableDETR):
         for i, layer in enumerate(self.transformer.encoder):
             query = layer(query, pos, reference, t.shapes, t.starts, t.mask, memory)
             memory = scatter_tokens(memory, kept, query)
-            if i < len(self.enc_aux_class):
+            if self.training and i < len(self.enc_aux_class):  # only the loss reads them
                 aux.append({"pred_logits": self.enc_aux_class[i](query),
                             "pred_boxes": (self.enc_aux_box[i](query) + proposals).sigmoid(),
                             "query_mask": has_proposal})

@@ -99,9 +99,10 @@ def sparsity_maps(model, images) -> dict | None:
         return None
     out = model.forward_raw(images)
     maps = model.token_maps(out)
-    return None if maps is None else {**{k: v.cpu() if torch.is_tensor(v) else v for k, v in maps.items()},
-                                      "maps": {k: v.float().cpu() for k, v in maps["maps"].items()},
-                                      "out": out}
+    if maps is None:
+        return None
+    layout = {k: v.cpu() for k, v in maps.items() if k != "maps"}
+    return {**layout, "maps": {k: v.float().cpu() for k, v in maps["maps"].items()}, "out": out}
 
 
 def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:

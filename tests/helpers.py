@@ -66,6 +66,14 @@ def padded_feature_batch(model, images: list) -> tuple[list, list, list]:
     return alone, srcs, masks
 
 
+@torch.no_grad()
+def predict_batched_and_alone(model, images: list) -> tuple[dict, list[dict], list]:
+    """A deformable model's raw outputs for `images` as one padded batch (from the maps on,
+    see padded_feature_batch) and for each image alone; and the batch's per-level masks."""
+    alone, srcs, masks = padded_feature_batch(model, images)
+    return model.predict(srcs, masks), [model.predict(s, m) for s, m in alone], masks
+
+
 def two_image_batch(size_a=(64, 96), size_b=(96, 64)):
     """Two images of different sizes (so one is padded) with 1 and 2 boxes (absolute xyxy)."""
     from detr_sparse.image_batch import ImageBatch

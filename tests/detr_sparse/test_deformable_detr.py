@@ -10,7 +10,7 @@ from engine.logger import setup_logging
 from engine.optim import param_groups
 from engine.train import autocast
 from engine.trainer import Trainer
-from helpers import (TINY_DEFORMABLE, checkpoint_model, padded_feature_batch, tiny_overrides, train_losses,
+from helpers import (TINY_DEFORMABLE, checkpoint_model, predict_batched_and_alone, tiny_overrides, train_losses,
                      train_steps, two_image_batch)
 
 PLUS = ["model.name=deformable_detr_plus", "model.two_stage=true", "model.with_box_refine=true"]
@@ -38,20 +38,17 @@ def test_a_padded_batch_gives_what_each_image_gives_alone(variant):
     (The CNN backbone itself sees the zero-padded image differently at the valid border, so
     the maps of each image alone are padded here instead.)"""
     model = _model(VARIANTS[variant]).train()  # dropout 0; training also gives every proposal's box
-    with torch.no_grad():
-        alone, srcs, masks = padded_feature_batch(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
-        batched = model.predict(srcs, masks)
-        for i, (s, m) in enumerate(alone):
-            single = model.predict(s, m)
+    batched, singles, masks = predict_batched_and_alone(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
+    for i, single in enumerate(singles):
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(batched[key][i], single[key][0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(batched["aux_outputs"][0][key][i],
+                                       single["aux_outputs"][0][key][0], atol=1e-4, rtol=1e-4)
+        if "enc_outputs" in single:
+            valid = ~torch.cat([mk[i].flatten() for mk in masks])
             for key in ("pred_logits", "pred_boxes"):
-                torch.testing.assert_close(batched[key][i], single[key][0], atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(batched["aux_outputs"][0][key][i],
-                                           single["aux_outputs"][0][key][0], atol=1e-4, rtol=1e-4)
-            if "enc_outputs" in single:
-                valid = ~torch.cat([mk[i].flatten() for mk in masks])
-                for key in ("pred_logits", "pred_boxes"):
-                    torch.testing.assert_close(batched["enc_outputs"][key][i][valid],
-                                               single["enc_outputs"][key][0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(batched["enc_outputs"][key][i][valid],
+                                           single["enc_outputs"][key][0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["plain", "plus"])

@@ -5,7 +5,7 @@ from detr_sparse import build_model
 from detr_sparse.image_batch import ImageBatch
 from engine.benchmark import count_flops
 from engine.config import load_config
-from helpers import TINY_DEFORMABLE, padded_feature_batch, train_steps, two_image_batch
+from helpers import TINY_DEFORMABLE, predict_batched_and_alone, train_steps, two_image_batch
 
 SPARSE = ["model.name=sparse_detr", "model.two_stage=true", "model.with_box_refine=true",
           "model.transformer.enc_layers=3", "model.transformer.dropout=0.0"]
@@ -66,17 +66,15 @@ def test_empty_targets_give_the_same_keys():
 
 @pytest.mark.parametrize("saliency", ["dam", "os"])
 def test_a_padded_batch_gives_what_each_image_gives_alone(saliency):
-    model = _model("model.sparse.rho=0.3", f"model.sparse.saliency={saliency}").eval()
-    with torch.no_grad():
-        alone, srcs, masks = padded_feature_batch(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
-        batched = model.predict(srcs, masks)
-        for i, (s, m) in enumerate(alone):
-            single = model.predict(s, m)
-            for key in ("pred_logits", "pred_boxes"):
-                torch.testing.assert_close(batched[key][i], single[key][0], atol=1e-4, rtol=1e-4)
-                aux, aux_single = batched["extra_outputs"]["encaux1"], single["extra_outputs"]["encaux1"]
-                n = int(aux_single["query_mask"].sum())
-                torch.testing.assert_close(aux[key][i][:n], aux_single[key][0][:n], atol=1e-4, rtol=1e-4)
+    # training mode (dropout 0) also gives the encoder's auxiliary outputs
+    model = _model("model.sparse.rho=0.3", f"model.sparse.saliency={saliency}").train()
+    batched, singles, _ = predict_batched_and_alone(model, [torch.randn(3, 64, 96), torch.randn(3, 96, 64)])
+    for i, single in enumerate(singles):
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(batched[key][i], single[key][0], atol=1e-4, rtol=1e-4)
+            aux, aux_single = batched["extra_outputs"]["encaux1"], single["extra_outputs"]["encaux1"]
+            n = int(aux_single["query_mask"].sum())
+            torch.testing.assert_close(aux[key][i][:n], aux_single[key][0][:n], atol=1e-4, rtol=1e-4)
 
 
 def test_rho_one_reproduces_the_dense_encoder():
@@ -125,3 +123,10 @@ def test_training_at_rho_zero_is_refused_but_evaluation_runs():
         model.train()(images, targets)
     with torch.no_grad():
         assert len(model.eval()(images)) == 2
+
+
+def test_evaluation_skips_the_encoder_auxiliary_heads():
+    model = _model("model.sparse.rho=0.3").eval()
+    with torch.no_grad():
+        out = model.forward_raw(_batch()[0])
+    assert out["extra_outputs"] == {} and out["kept"].mask.any()
