@@ -42,6 +42,11 @@ def _as_numpy_map(value, what: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _resize_nearest(id_map: np.ndarray, shape) -> np.ndarray:
+    resized = torch.nn.functional.interpolate(torch.from_numpy(id_map)[None, None].double(), size=tuple(shape))
+    return resized[0, 0].long().numpy()
+
+
 def pq_image_stats(
     gt_map: np.ndarray,
     gt_segments: dict[int, tuple[int, bool]],
@@ -163,8 +168,9 @@ class PanopticEvaluator:
 
     @torch.no_grad()
     def update(self, predictions: list[dict], targets: list[dict]) -> None:
-        """predictions[i]: ``panoptic`` (H, W) integer segment-id map at the image's
-        ORIGINAL size (0 = no segment) and ``segments_info``: a list of {"id", "label"}
+        """predictions[i]: ``panoptic`` (H, W) integer segment-id map (0 = no segment) at
+        the image's original size, or at the network input size ``targets[i]["size"]`` (as a
+        model predicts it; resized to the original size, nearest) and ``segments_info``: a list of {"id", "label"}
         (contiguous label) or {"id", "category_id"} for every non-zero id of the map.
         targets[i]: ``image_id``, ``panoptic`` (H, W) ground-truth id map at the original
         size (0 = VOID) and ``segments``: a list of {"id", "category_id", "iscrowd"} (what
@@ -175,6 +181,8 @@ class PanopticEvaluator:
             img_id = int(target["image_id"])
             gt_map = _as_numpy_map(target["panoptic"], f"target 'panoptic' of image id {img_id}")
             pred_map = _as_numpy_map(pred["panoptic"], f"prediction 'panoptic' of image id {img_id}")
+            if pred_map.shape != gt_map.shape and "size" in target and pred_map.shape == tuple(int(v) for v in target["size"]):
+                pred_map = _resize_nearest(pred_map, gt_map.shape)
             if gt_map.shape != pred_map.shape:
                 raise ValueError(
                     f"prediction for image id {img_id} is {pred_map.shape[0]}x{pred_map.shape[1]} but the "

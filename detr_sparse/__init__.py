@@ -1,8 +1,9 @@
 """detr_sparse: DETR-family detectors and their token-sparse variants."""
 
 
-def build_model(model_cfg, num_classes: int):
-    """The detector named by `model_cfg.name`, for `num_classes` object classes."""
+def build_model(model_cfg, num_classes: int, is_thing: list[bool] | None = None):
+    """The detector named by `model_cfg.name`, for `num_classes` object classes; is_thing:
+    which labels are things (panoptic datasets), for model.panoptic."""
     from .deformable_detr import build_deformable_detr, build_deformable_detr_plus
     from .detr import build_detr
     from .pnp_detr import build_pnp_detr
@@ -13,4 +14,9 @@ def build_model(model_cfg, num_classes: int):
                 "pnp_detr": build_pnp_detr}
     if model_cfg.name not in builders:
         raise ValueError(f"model.name: unknown model '{model_cfg.name}' (known: {sorted(builders)})")
+    if model_cfg.name in ("detr", "pnp_detr"):
+        return builders[model_cfg.name](model_cfg, num_classes, is_thing)
+    if model_cfg.panoptic.enabled:
+        raise ValueError(f"model.panoptic: DETR's panoptic branch is built for detr and pnp_detr, "
+                         f"not {model_cfg.name}")
     return builders[model_cfg.name](model_cfg, num_classes)

@@ -33,16 +33,21 @@ class SetCriterion(nn.Module):
     {suffix: outputs} matched against the real labels, losses named `{key}_{suffix}` (Sparse
     DETR's encoder auxiliary heads and objectness head). An outputs dict may carry query_mask
     (B, Q) bool: the other queries are neither matched nor penalised (focal loss only).
+    With pred_masks (B, Q, h, w) mask logits (DETR's panoptic branch), the matched masks
+    also get DETR's focal and dice losses against the targets' masks (N, H, W), every
+    image's padded to the batch's (H, W) (no auxiliary mask losses, as in DETR).
     targets: labels (N,) in [0, K), boxes (N, 4) normalised cxcywh."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, cls_weight: float = 1.0,
                  bbox_weight: float = 5.0, giou_weight: float = 2.0, eos_coef: float = 0.1,
-                 focal_alpha: float | None = None, binary_enc: bool = True):
+                 focal_alpha: float | None = None, binary_enc: bool = True,
+                 mask_weight: float = 1.0, dice_weight: float = 1.0):
         super().__init__()
         self.num_classes = num_classes
         self.focal_alpha, self.binary_enc = focal_alpha, binary_enc
         self.matcher = matcher
-        self.weights = {"loss_ce": cls_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
+        self.weights = {"loss_ce": cls_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
+                        "loss_mask": mask_weight, "loss_dice": dice_weight}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -82,11 +87,30 @@ class SetCriterion(nn.Module):
                                         box_convert(tgt, "cxcywh", "xyxy"), reduction="sum")
         return {"loss_bbox": l1, "loss_giou": giou / num_boxes}
 
+    def loss_masks(self, masks: Tensor, targets, indices, num_boxes: float) -> dict[str, Tensor]:
+        """DETR's mask losses: predictions upsampled (bilinear) to the targets' padded size,
+        sigmoid focal loss (alpha 0.25, mean over pixels) and dice loss, per matched pair,
+        summed and divided by num_boxes."""
+        batch_idx, query_idx = _flat_indices(indices)
+        if not len(batch_idx):  # zero, but on the graph: every rank's mask head gets gradients
+            zero = masks.sum() * 0
+            return {"loss_mask": zero, "loss_dice": zero}
+        tgt = torch.cat([t["masks"][j] for t, (_, j) in zip(targets, indices)]).float()
+        src = F.interpolate(masks[batch_idx, query_idx][:, None].float(), size=tgt.shape[-2:],
+                            mode="bilinear", align_corners=False)[:, 0].flatten(1)
+        tgt = tgt.flatten(1)
+        focal = sigmoid_focal_loss(src, tgt, alpha=0.25, gamma=2.0).mean(1).sum() / num_boxes
+        prob = src.sigmoid()
+        dice = 1 - (2 * (prob * tgt).sum(1) + 1) / (prob.sum(1) + tgt.sum(1) + 1)
+        return {"loss_mask": focal, "loss_dice": dice.sum() / num_boxes}
+
     def single(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = self.loss_labels(outputs["pred_logits"], targets, indices, num_boxes,
                                   outputs.get("query_mask"))
         losses.update(self.loss_boxes(outputs["pred_boxes"], targets, indices, num_boxes))
+        if "pred_masks" in outputs:
+            losses.update(self.loss_masks(outputs["pred_masks"], targets, indices, num_boxes))
         return {k: v * self.weights[k] if k in self.weights else v for k, v in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:

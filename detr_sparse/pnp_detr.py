@@ -2,16 +2,18 @@
 projected backbone map: the best-scored share `poll_ratio` of each image's tokens as fine
 tokens, the rest pooled into M coarse tokens. Trained at a fixed ratio or at a ratio drawn
 per iteration, it runs at any ratio (`model.poll_ratio = 0.5`). Same detector contract as
-DETR; eval outputs can carry the computation density map (`forward_raw(...)["sampled"]`)."""
+DETR; eval outputs can carry the computation density map (`forward_raw(...)["sampled"]`).
+DETR's panoptic branch reads the encoder memory through the reverse projection."""
 from __future__ import annotations
 
 import random
 
 import torch
+from torch import Tensor
 
-from .detr import DETR, build_detr, normalized_targets
+from .detr import DETR, build_detr
 from .image_batch import ImageBatch
-from .sparsity.pnp import PollAndPool, SampledTokens, score_regulariser
+from .sparsity.pnp import PollAndPool, SampledTokens, reverse_project, score_regulariser
 from .sparsity.tokens import keep_statistics
 
 
@@ -34,11 +36,6 @@ class PnPDETR(DETR):
             return random.uniform(*self.random_ratio)
         return self.poll_ratio
 
-    def sample(self, images: ImageBatch) -> SampledTokens:
-        src, mask, pos = self.feature_map(images)
-        return self.sampler(src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2),
-                            self.ratio(), tuple(src.shape[-2:]))
-
     def token_maps(self, out: dict) -> dict:
         """For pictures, from forward_raw's outputs: {"maps": {"poll score", "density"} (B, N),
         "valid", "shapes" (one level), "starts"}."""
@@ -47,26 +44,30 @@ class PnPDETR(DETR):
         return {"maps": {"poll score": s.scores, "density": s.density()}, "valid": ~s.map_mask,
                 "shapes": torch.tensor([[h, w]]), "starts": torch.tensor([0])}
 
-    def forward_raw(self, images: ImageBatch) -> dict:
-        sampled = self.sample(images)
+    def run_transformer(self, src: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """DETR's, on the poll-and-pool sample of the map; extra output "sampled"."""
+        sampled = self.sampler(src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2),
+                               self.ratio(), tuple(src.shape[-2:]))
         hs, memory = self.transformer(sampled.src, sampled.mask, self.query_embed.weight, sampled.pos)
-        return {**self.predictions(hs), "sampled": sampled, "memory": memory}
+        return hs, memory, {"sampled": sampled}
+
+    def memory_map(self, memory: Tensor, out: dict, shape) -> Tensor:
+        """The memory of fine + coarse tokens, reverse-projected onto the map."""
+        return reverse_project(memory, out["sampled"]).transpose(1, 2).reshape(shape)
 
     def forward(self, images: ImageBatch, targets: list[dict] | None = None):
         if not self.training:
             return super().forward(images)
-        if targets is None:
-            raise ValueError("PnP-DETR in training mode needs targets")
         out = self.forward_raw(images)
-        losses = self.criterion(out, normalized_targets(targets, images.sizes))
+        losses = self.losses(out, images, targets)
         sampled: SampledTokens = out["sampled"]
         losses["loss_poll_score"] = self.score_loss_weight * score_regulariser(sampled)
         return {**losses, **keep_statistics(sampled.polled, sampled.map_mask, prefix="poll_ratio")}
 
 
-def build_pnp_detr(cfg, num_classes: int) -> PnPDETR:
+def build_pnp_detr(cfg, num_classes: int, is_thing: list[bool] | None = None) -> PnPDETR:
     """model.name "pnp_detr": DETR with model.pnp settings."""
     p = cfg.pnp
-    return build_detr(cfg, num_classes, model_cls=PnPDETR, poll_ratio=p.poll_ratio,
+    return build_detr(cfg, num_classes, is_thing, model_cls=PnPDETR, poll_ratio=p.poll_ratio,
                       random_ratio=tuple(p.random_ratio), num_coarse=p.num_coarse,
                       score_loss_weight=p.score_loss_weight)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torchvision.ops import box_convert
 
 
@@ -33,3 +34,53 @@ def postprocess_sigmoid(outputs: dict, sizes: Tensor, num_top: int = 100) -> lis
     boxes = scale_boxes(outputs["pred_boxes"].float(), sizes)
     boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def panoptic_segments(mask_logits: Tensor, labels: Tensor, is_thing: Tensor,
+                      min_area: int = 4) -> tuple[Tensor, list[dict]]:
+    """DETR's panoptic merge for one image: every pixel goes to the query of highest mask
+    logit; the queries of one stuff class form one segment; a segment of at most min_area
+    pixels is dropped and its pixels go to the remaining queries, until none is that small.
+    mask_logits (K, H, W) of the K kept queries, labels (K,), is_thing (num_classes,) bool
+    -> id map (H, W) int64 (0 = no segment) and segments [{"id", "label", "isthing",
+    "area"}] with ids 1..S. (DETR drops a merged stuff query's duplicates before the area
+    test, which can hand their pixels to another class; here they stay in their segment.)"""
+    labels = labels.tolist()
+    # segment key of each query: the query itself for things, its class for stuff
+    keys = [("thing", q) if is_thing[c] else ("stuff", c) for q, c in enumerate(labels)]
+    alive = list(range(len(labels)))
+    while alive:
+        owner = torch.tensor(alive)[mask_logits[alive].argmax(0)]  # (H, W) query per pixel
+        seg_keys = list(dict.fromkeys(keys[q] for q in alive))  # in the order of first query
+        seg_of_query = torch.tensor([seg_keys.index(keys[q]) if q in alive else -1
+                                     for q in range(len(labels))])
+        seg_map = seg_of_query[owner]
+        area = torch.bincount(seg_map.flatten(), minlength=len(seg_keys))
+        small = {seg_keys[i] for i in range(len(seg_keys)) if area[i] <= min_area}
+        if not small:
+            segments = [{"id": i + 1, "label": labels[next(q for q in alive if keys[q] == k)],
+                         "isthing": k[0] == "thing", "area": int(area[i])}
+                        for i, k in enumerate(seg_keys)]
+            return seg_map + 1, segments
+        alive = [q for q in alive if keys[q] not in small]
+    return torch.zeros(mask_logits.shape[-2:], dtype=torch.int64), []
+
+
+@torch.no_grad()
+def postprocess_panoptic(outputs: dict, sizes: Tensor, padded: tuple[int, int], is_thing: Tensor,
+                         threshold: float = 0.85) -> list[dict]:
+    """DETR's panoptic post-processing: the queries whose best class (no-object included)
+    is a real class with probability > threshold keep their masks, upsampled (bilinear) from
+    the padded batch (H, W) `padded` and cropped to each image's size; then
+    `panoptic_segments`. -> per image {"panoptic": (h, w) int64 id map at the input-image
+    size, "segments_info": [{"id", "label", "isthing", "area"}]}."""
+    prob = outputs["pred_logits"].float().softmax(-1)
+    scores, labels = prob.max(-1)
+    keep = (labels != prob.shape[-1] - 1) & (scores > threshold)
+    results = []
+    for i, (h, w) in enumerate(sizes.tolist()):
+        masks = outputs["pred_masks"][i, keep[i]].float()
+        masks = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0, :, :h, :w]
+        id_map, segments = panoptic_segments(masks, labels[i, keep[i]], is_thing.tolist())
+        results.append({"panoptic": id_map, "segments_info": segments})
+    return results

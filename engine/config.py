@@ -57,6 +57,8 @@ class LossConfig:
     giou_weight: float = 2.0
     eos_coef: float = 0.1  # relative weight of the no-object class (softmax classifiers)
     focal_alpha: float = 0.25  # sigmoid focal loss (Deformable DETR family)
+    mask_weight: float = 1.0  # panoptic: sigmoid focal loss of the matched masks
+    dice_weight: float = 1.0  # panoptic: dice loss of the matched masks
 
 
 @dataclass
@@ -79,6 +81,17 @@ class PnPConfig:
 
 
 @dataclass
+class PanopticConfig:
+    """DETR's segmentation branch (DETR and PnP-DETR; needs data.panoptic and backbone maps
+    finer than the detection map, e.g. out_features [res2, res3, res4, res5])."""
+    enabled: bool = False
+    threshold: float = 0.85  # class score a query needs to enter the panoptic map
+    # train the mask branch only, on a trained detector (model.weights), as DETR does; false:
+    # detector and mask branch train together
+    freeze_detector: bool = False
+
+
+@dataclass
 class ModelConfig:
     name: str = "detr"
     num_classes: int = 0  # 0: taken from the training set's categories
@@ -90,6 +103,10 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     pnp: PnPConfig = field(default_factory=PnPConfig)
+    panoptic: PanopticConfig = field(default_factory=PanopticConfig)
+    # a checkpoint whose model weights initialise training (e.g. the detector under a new mask
+    # branch); missing and unexpected keys are logged by name. A resumed run ignores it.
+    weights: str = ""
 
 
 @dataclass

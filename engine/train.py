@@ -101,20 +101,31 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
 
 
 @torch.no_grad()
-def evaluate(model, loader, evaluator, device, amp: str = "none", show_progress: bool = True,
+def evaluate(model, loader, evaluators, device, amp: str = "none", show_progress: bool = True,
              on_batch=None) -> dict:
-    """COCO evaluation over `loader`; `on_batch(images, targets, predictions)` sees every batch
-    (visualisation). Returns evaluator.summarize() (the same on every rank)."""
+    """Evaluation over `loader` with one evaluator or a list of them (COCO boxes, PQ);
+    `on_batch(images, targets, predictions)` sees every batch (visualisation). Returns the
+    evaluators' summarize() merged (the same on every rank)."""
+    evaluators = evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]
     model.eval()
     for images, targets in progress(loader, "eval", show_progress):
         images, targets = to_device(images, targets, device)
         with autocast(device, amp):
             predictions = model(images)
-        predictions = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in p.items()}
-                       for p in predictions]
+        predictions = [{k: _to_cpu(v) for k, v in p.items()} for p in predictions]
         targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        evaluator.update(predictions, targets)
+        for evaluator in evaluators:
+            evaluator.update(predictions, targets)
         if on_batch is not None:
             on_batch(images, targets, predictions)
-    evaluator.gather()
-    return evaluator.summarize()
+    stats = {}
+    for evaluator in evaluators:
+        evaluator.gather()
+        stats.update(evaluator.summarize())
+    return stats
+
+
+def _to_cpu(value):
+    if not torch.is_tensor(value):
+        return value
+    return (value.float() if value.is_floating_point() else value).cpu()

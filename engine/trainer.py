@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from datasets import build_dataset, collate_fn
 from datasets.coco_eval import CocoEvaluator
+from datasets.panoptic_eval import PanopticEvaluator
 from detr_sparse import build_model
 
 from . import checkpoint as ckpt
@@ -93,7 +94,10 @@ class Trainer:
         self.train_set = None if eval_only else build_dataset(cfg.data, "train")
         num_classes = cfg.model.num_classes or (self.train_set or self.val_set).num_classes
         self.class_names = list(self.val_set.cat_names)
-        self.model = build_model(cfg.model, num_classes).to(dist.device)
+        self.model = build_model(cfg.model, num_classes, getattr(self.val_set, "is_thing", None)).to(dist.device)
+        if cfg.model.weights:
+            ckpt.load_model_state(self.model, ckpt.load_checkpoint(cfg.model.weights)["model"],
+                                  cfg.model.weights, strict=False)
         checkpoint_activations(self.model, list(cfg.train.activation_checkpointing))
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -157,7 +161,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))
+        evaluators = [CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))]
+        if getattr(self.model, "panoptic_head", None) is not None:
+            evaluators.append(PanopticEvaluator(self.val_set.categories, self.val_set.label_to_cat_id))
         shown, sparsity = [], []
         count = self.cfg.eval.num_vis_images
         sparse = hasattr(self.model, "token_maps")  # pictures of its token maps too
@@ -171,7 +177,7 @@ class Trainer:
             if sparse and len(sparsity) < count:  # a second pass, for the first few images only
                 sparsity.extend(sparsity_pictures(self.model, images, count - len(sparsity)))
 
-        stats = evaluate(self.model, self.val_loader, evaluator, self.dist.device,
+        stats = evaluate(self.model, self.val_loader, evaluators, self.dist.device,
                          self.cfg.train.amp, self.dist.is_main, show if self.dist.is_main else None)
         flat = {f"{iou}_{k}": v for iou, d in stats.items() for k, v in d.items()}
         self.run_logger.scalars("val", flat, self.state.iteration, epoch=self.state.epoch)

@@ -59,3 +59,19 @@ class MaskHead(nn.Module):
             skip = self.adapters[i](level).repeat_interleave(q, dim=0)
             x = self.blocks[i](skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
         return self.out(x).view(b, q, *x.shape[-2:])
+
+
+class PanopticHead(nn.Module):
+    """DETR's segmentation branch: the last decoder layer's outputs attend over the encoder
+    memory map, and the mask head turns the maps into mask logits at the finest FPN map's
+    stride. forward(hs (B, Q, C), memory (B, C, h, w), mask (B, h, w) True at padding,
+    src (B, C, h, w) the projected backbone map, fpn [(B, C_i, H_i, W_i)] coarse to fine)
+    -> (B, Q, H_last, W_last) mask logits."""
+
+    def __init__(self, dim: int, heads: int, fpn_channels: list[int]):
+        super().__init__()
+        self.attention = AttentionMaps(dim, dim, heads)
+        self.mask_head = MaskHead(dim, heads, fpn_channels)
+
+    def forward(self, hs: Tensor, memory: Tensor, mask: Tensor, src: Tensor, fpn: list[Tensor]) -> Tensor:
+        return self.mask_head(src, self.attention(hs, memory, mask), fpn)
