@@ -181,7 +181,8 @@ class PanopticEvaluator:
             img_id = int(target["image_id"])
             gt_map = _as_numpy_map(target["panoptic"], f"target 'panoptic' of image id {img_id}")
             pred_map = _as_numpy_map(pred["panoptic"], f"prediction 'panoptic' of image id {img_id}")
-            if pred_map.shape != gt_map.shape and "size" in target and pred_map.shape == tuple(int(v) for v in target["size"]):
+            at_input_size = "size" in target and pred_map.shape == tuple(int(v) for v in target["size"])
+            if pred_map.shape != gt_map.shape and at_input_size:
                 pred_map = _resize_nearest(pred_map, gt_map.shape)
             if gt_map.shape != pred_map.shape:
                 raise ValueError(

@@ -80,7 +80,8 @@ def postprocess_panoptic(outputs: dict, sizes: Tensor, padded: tuple[int, int], 
     results = []
     for i, (h, w) in enumerate(sizes.tolist()):
         masks = outputs["pred_masks"][i, keep[i]].float()
-        masks = F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0, :, :h, :w]
-        id_map, segments = panoptic_segments(masks, labels[i, keep[i]], is_thing.tolist())
+        masks = (F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False)[0]
+                 if len(masks) else masks.new_zeros(0, *padded))  # interpolate refuses no channels
+        id_map, segments = panoptic_segments(masks[:, :h, :w], labels[i, keep[i]], is_thing.tolist())
         results.append({"panoptic": id_map, "segments_info": segments})
     return results

@@ -135,12 +135,18 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device) -> torch.nn.Module:
+def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
+                     is_thing: list[bool] | None = None) -> torch.nn.Module:
     """The configured detector on `device` in eval mode, with the weights of `checkpoint`
-    ("" keeps the random initial weights): what the tools measure and draw."""
+    ("" keeps the random initial weights): what the tools measure and draw. is_thing: the
+    dataset's thing / stuff split for a panoptic model; without it every class counts as a
+    thing until the checkpoint's own split (a model buffer) is loaded."""
     from detr_sparse import build_model
 
-    model = build_model(model_cfg, model_cfg.num_classes or num_classes).to(device).eval()
+    num_classes = model_cfg.num_classes or num_classes
+    if is_thing is None and model_cfg.panoptic.enabled:
+        is_thing = [True] * num_classes
+    model = build_model(model_cfg, num_classes, is_thing).to(device).eval()
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)
     return model

@@ -59,6 +59,14 @@ def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
     barrier()
 
 
+def build_evaluators(model, val_set) -> list:
+    """Box AP always; PQ too when the model segments (DETR's panoptic branch)."""
+    evaluators = [CocoEvaluator(val_set.coco, val_set.label_to_cat_id, ("bbox",))]
+    if getattr(model, "panoptic_head", None) is not None:
+        evaluators.append(PanopticEvaluator(val_set.categories, val_set.label_to_cat_id))
+    return evaluators
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way: `start` samples of this rank's
     order for the epoch are skipped, so a run resumed from a mid-epoch checkpoint sees exactly
@@ -94,7 +102,8 @@ class Trainer:
         self.train_set = None if eval_only else build_dataset(cfg.data, "train")
         num_classes = cfg.model.num_classes or (self.train_set or self.val_set).num_classes
         self.class_names = list(self.val_set.cat_names)
-        self.model = build_model(cfg.model, num_classes, getattr(self.val_set, "is_thing", None)).to(dist.device)
+        is_thing = getattr(self.val_set, "is_thing", None)  # panoptic sets: things vs stuff
+        self.model = build_model(cfg.model, num_classes, is_thing).to(dist.device)
         if cfg.model.weights:
             ckpt.load_model_state(self.model, ckpt.load_checkpoint(cfg.model.weights)["model"],
                                   cfg.model.weights, strict=False)
@@ -161,9 +170,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        evaluators = [CocoEvaluator(self.val_set.coco, self.val_set.label_to_cat_id, ("bbox",))]
-        if getattr(self.model, "panoptic_head", None) is not None:
-            evaluators.append(PanopticEvaluator(self.val_set.categories, self.val_set.label_to_cat_id))
+        evaluators = build_evaluators(self.model, self.val_set)
         shown, sparsity = [], []
         count = self.cfg.eval.num_vis_images
         sparse = hasattr(self.model, "token_maps")  # pictures of its token maps too

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RATIO_ATTRIBUTES = ("rho", "poll_ratio")
 
 from datasets import build_dataset  # noqa: E402
-from datasets.coco_eval import CocoEvaluator  # noqa: E402
 from detr_sparse.image_batch import ImageBatch  # noqa: E402
 from engine.benchmark import count_flops, measure_latency  # noqa: E402
 from engine.checkpoint import build_eval_model  # noqa: E402
@@ -31,7 +30,7 @@ from engine.config import load_config  # noqa: E402
 from engine.distributed import DistInfo, resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import evaluate  # noqa: E402
-from engine.trainer import make_loader  # noqa: E402
+from engine.trainer import build_evaluators, make_loader  # noqa: E402
 
 
 def ratio_attribute(model) -> str | None:
@@ -40,15 +39,18 @@ def ratio_attribute(model) -> str | None:
 
 def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], runs: int) -> list[dict]:
     attribute = ratio_attribute(model)
-    transformer_parts = [p for p in model.parts if p not in ("backbone", "other")]
+    transformer_parts = [p for p in model.parts if p not in ("backbone", "mask head", "other")]
     rows = []
     for ratio in ratios:
         setattr(model, attribute, ratio)
-        evaluator = CocoEvaluator(val_set.coco, val_set.label_to_cat_id, ("bbox",))
-        stats = evaluate(model, loader, evaluator, inputs.tensors.device, show_progress=False)["bbox"]
+        results = evaluate(model, loader, build_evaluators(model, val_set), inputs.tensors.device,
+                           show_progress=False)
+        stats = results["bbox"]
         flops = count_flops(model, inputs, model.parts)
         sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
-        rows.append({"ratio": ratio, "AP": stats["AP"], "AP50": stats["AP50"], "gflops": flops.total,
+        rows.append({"ratio": ratio, "AP": stats["AP"], "AP50": stats["AP50"],
+                     **({"PQ": results["panoptic"]["PQ"]} if "panoptic" in results else {}),
+                     "gflops": flops.total,
                      "gflops_without_sampling": flops.total - sampling,
                      "gflops_encoder": flops.by_part["encoder"],
                      "gflops_transformer": sum(flops.by_part[p] for p in transformer_parts),
@@ -57,9 +59,12 @@ def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], ru
 
 
 def print_table(rows: list[dict]) -> None:
-    print("ratio | AP | AP50 | GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s")
+    pq = "PQ" in rows[0]
+    print("ratio | AP | AP50 | " + ("PQ | " if pq else "") +
+          "GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s")
     for r in rows:
-        print(f"{r['ratio']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['gflops']:.3f} | "
+        print(f"{r['ratio']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | " + (f"{r['PQ']:.3f} | " if pq else "") +
+              f"{r['gflops']:.3f} | "
               f"{r['gflops_without_sampling']:.3f} | {r['gflops_encoder']:.3f} | "
               f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f}")
 
@@ -80,7 +85,8 @@ def main(argv=None) -> list[dict]:
     cfg = load_config(args.config, args.opts)
     device = resolve_device(cfg.device)
     val_set = build_dataset(cfg.data, "val")
-    model = build_eval_model(cfg.model, val_set.num_classes, args.checkpoint, device)
+    model = build_eval_model(cfg.model, val_set.num_classes, args.checkpoint, device,
+                             getattr(val_set, "is_thing", None))
     if ratio_attribute(model) is None:
         p.error(f"model.name '{cfg.model.name}' has no token ratio: use a sparse_detr or pnp_detr config")
     loader = make_loader(val_set, cfg.eval.batch_size, False, 0, cfg.train.seed, DistInfo(device=device))

@@ -241,3 +241,16 @@ def test_perfect_predictions_on_the_synthetic_set(tiny_coco):
     summary = evaluator.summarize()["panoptic"]
     assert summary == pytest.approx(dict.fromkeys(SUMMARY_KEYS, 1.0))
     assert evaluator.num_counted["st"] > 0 and evaluator.num_counted["th"] > 0
+
+
+def test_prediction_at_the_network_input_size_is_resized_to_the_original():
+    # the model saw the 4x4 image at 2x2: its map is scaled up (nearest), not rejected
+    small = [[7, 21], [14, 21]]
+    segs = [{"id": 7, "label": CIRCLE}, {"id": 14, "label": CIRCLE}, {"id": 21, "label": SKY}]
+    evaluator = PanopticEvaluator(CATEGORIES, LABEL_TO_CAT)
+    evaluator.update([{"panoptic": torch.tensor(small), "segments_info": segs}],
+                     [{"image_id": 1, "panoptic": torch.tensor(GT), "segments": GT_SEGMENTS,
+                       "size": torch.tensor([2, 2])}])
+    assert evaluator.summarize()["panoptic"]["PQ"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="original size"):  # any other size is still an error
+        evaluate(GT, GT_SEGMENTS, [[7, 21, 21]], segs)

@@ -115,3 +115,22 @@ def test_synthetic_folder_made_with_other_arguments_is_not_overwritten(tiny_coco
     with pytest.raises(ValueError, match="other arguments"):
         ensure_synthetic_data(cfg.data, DistInfo())
     assert (tiny_coco / "meta.json").read_text() == before
+
+
+def test_panoptic_run_reports_pq_and_the_frozen_schedule_trains_only_the_mask_branch(tiny_coco, tmp_path):
+    pan = {"data.panoptic": "true", "model.panoptic.enabled": "true", "model.panoptic.threshold": 0.0,
+           "model.backbone.out_features": "[res2,res3,res4,res5]", "train.epochs": 1}
+    joint = _trainer(tiny_coco, tmp_path / "joint", **pan)
+    stats = joint.train()
+    assert 0 <= stats["panoptic"]["PQ"] <= 1 and "AP50" in stats["bbox"]
+    # DETR's schedule: the trained detector's weights, frozen, under a mask branch that trains
+    frozen = _trainer(tiny_coco, tmp_path / "frozen", **pan, **{
+        "model.panoptic.freeze_detector": "true", "model.weights": tmp_path / "joint" / "checkpoint.pth"})
+    before = _params(frozen)
+    assert all(torch.equal(before[k], v) for k, v in joint.model.state_dict().items())
+    frozen.train()
+    after = _params(frozen)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("panoptic_head.") for k in changed)
+    for t in (joint, frozen):
+        t.close()
