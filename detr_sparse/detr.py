@@ -48,7 +48,7 @@ def mask_to_feature(mask: Tensor, shape) -> Tensor:
 class DETR(nn.Module):
     # prefixes of the module names that make up each part, for FLOP and latency accounting
     parts = {"backbone": "backbone", "encoder": "transformer.encoder",
-             "decoder": "transformer.decoder", "mask head": "panoptic_head"}
+             "decoder": "transformer.decoder"}
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int,
                  num_queries: int, criterion: SetCriterion, aux_loss: bool = True):
@@ -83,6 +83,7 @@ class DETR(nn.Module):
         self.mask_features = finer
         d = self.transformer.d_model
         self.panoptic_head = PanopticHead(d, heads, [self.backbone.channels[n] for n in finer])
+        self.parts = {**self.parts, "mask head": "panoptic_head"}
         self.register_buffer("is_thing", torch.tensor(is_thing, dtype=torch.bool))
         self.panoptic_threshold = threshold
         self.freeze_detector = freeze_detector
