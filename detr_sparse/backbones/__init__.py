@@ -1,7 +1,9 @@
 """Backbones: each returns an ordered dict of named NCHW maps and states, for each name,
 its channels and stride (`output_shape()`)."""
 from .resnet import ResNetBackbone
+from .pvt import PVTBackbone
 from .swin import SwinBackbone
+from .vit import ViTBackbone
 
 
 def build_backbone(cfg, out_features: tuple[str, ...]):
@@ -15,4 +17,13 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
             raise ValueError("model.backbone.dilation: not supported by swin")
         return SwinBackbone(cfg.name, out_features, cfg.pretrained, cfg.freeze_at,
                             cfg.drop_path_rate)
+    if cfg.name.startswith(("deit", "vit", "pvt")):
+        # as for swin: norm and channels_last are ignored, dilation is refused
+        if cfg.dilation:
+            raise ValueError(f"model.backbone.dilation: not supported by {cfg.name}")
+        if cfg.name.startswith("pvt"):
+            return PVTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
+                               cfg.freeze_at)
+        return ViTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
+                           freeze_at=cfg.freeze_at)
     raise ValueError(f"model.backbone.name: unknown backbone '{cfg.name}'")

@@ -1,0 +1,218 @@
+"""Pyramid Vision Transformer v1 (Wang et al. 2021) as a detection backbone, with the same
+named maps as the ResNet backbone (`res2` .. `res5` at strides 4 .. 32)."""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+from .swin import ChunkedMLP
+from .vit import load_converted_state, resize_pos_embed
+
+_NAMES = ["res2", "res3", "res4", "res5"]
+_DEPTHS = {"pvt_t": [2, 2, 2, 2], "pvt_s": [3, 4, 6, 3]}
+_DIMS, _HEADS, _MLP_RATIOS = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4]
+_SR_RATIOS, _PATCH = [8, 4, 2, 1], [4, 2, 2, 2]
+
+
+def _valid_tokens(grid: tuple[int, int], valid: tuple[int, int], device) -> Tensor | None:
+    """(h*w,) True on the tokens of the top-left valid[0] x valid[1] corner of an h x w
+    grid; None when the whole grid is valid."""
+    if tuple(grid) == tuple(valid):
+        return None
+    rows = torch.arange(grid[0], device=device) < valid[0]
+    cols = torch.arange(grid[1], device=device) < valid[1]
+    return (rows[:, None] & cols[None, :]).flatten()
+
+
+class PatchEmbed(nn.Module):
+    """Convolution with kernel = stride, then LayerNorm:
+    x (B, C, H, W) -> tokens (B, H/s * W/s, C'), grid (H/s, W/s)."""
+
+    def __init__(self, in_channels: int, dim: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, stride, stride)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+
+
+class SRAttention(nn.Module):
+    """Spatial-reduction attention: every token queries keys/values pooled over sr x sr
+    tokens by a strided convolution (then LayerNorm), so stage 1 attends to 1/64 of its map.
+    x (B, N, C) on an h x w grid -> (B, N, C). `keep` (N,): tokens inside the image, the
+    others are zeroed before the reduction; `key_mask` (1, 1, 1, N / sr^2): keys with some
+    image inside them."""
+
+    def __init__(self, dim: int, heads: int, sr_ratio: int):
+        super().__init__()
+        self.heads, self.sr_ratio = heads, sr_ratio
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                key_mask: Tensor | None) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        if self.sr_ratio > 1:
+            if keep is not None:
+                x = x * keep[:, None]  # as if the map were zero-padded, whatever the amount
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).view(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class PVTBlock(nn.Module):
+    """Pre-norm transformer block with SR attention; x (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, sr_ratio: int, drop_path: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SRAttention(dim, heads, sr_ratio)
+        self.mlp = ChunkedMLP(dim, [dim * mlp_ratio, dim], activation_layer=nn.GELU, inplace=None)
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                key_mask: Tensor | None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), grid, keep, key_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PVTStage(nn.Module):
+    """Patch embedding, position embedding (learned on the pretraining grid), blocks."""
+
+    def __init__(self, in_channels: int, index: int, depth: int, drop_paths: list[float],
+                 pretrain_grid: int):
+        super().__init__()
+        dim, self.sr_ratio = _DIMS[index], _SR_RATIOS[index]
+        self.patch_embed = PatchEmbed(in_channels, dim, _PATCH[index])
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, pretrain_grid ** 2, dim), std=0.02))
+        self.blocks = nn.ModuleList(PVTBlock(dim, _HEADS[index], _MLP_RATIOS[index], self.sr_ratio, p)
+                                    for p in drop_paths)
+
+    def forward(self, x: Tensor, valid: tuple[int, int]) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+        """x (B, C, H, W), zero outside its top-left valid area -> tokens (B, h*w, C'), the
+        grid (h, w), and the (h*w,) mask of the valid[0] x valid[1] tokens (None: all)."""
+        tokens, grid = self.patch_embed(x)
+        # resized to the valid grid, not the padded one, so padding does not shift it
+        pos = resize_pos_embed(self.pos_embed, valid, mode="bilinear").view(1, *valid, -1)
+        pos = F.pad(pos, (0, 0, 0, grid[1] - valid[1], 0, grid[0] - valid[0])).flatten(1, 2)
+        keep = _valid_tokens(grid, valid, x.device)
+        sr = self.sr_ratio
+        key_mask = _valid_tokens((grid[0] // sr, grid[1] // sr),
+                                 (-(-valid[0] // sr), -(-valid[1] // sr)), x.device)
+        key_mask = None if key_mask is None else key_mask.view(1, 1, 1, -1)
+        tokens = tokens + pos
+        for block in self.blocks:
+            tokens = block(tokens, grid, keep, key_mask)
+        return tokens, grid, keep
+
+
+class PVTBackbone(nn.Module):
+    """forward(x: (B, 3, H, W)) -> OrderedDict of the requested maps, NCHW and contiguous,
+    each (B, C, ceil(H / s), ceil(W / s)) with C = 64, 128, 320, 512 at s = 4, 8, 16, 32.
+
+    The image is zero-padded at the bottom/right to a multiple of `pad_multiple` (32) so
+    every stage divides. What holds: the maps inside the image do not depend on that
+    padding's amount (tested against 64), because each stage sees its padded tokens as
+    zeros (before the next patch embedding and before the key/value reduction), never
+    attends to keys made of padding only, and resizes its position embedding to the valid
+    ceil(H / s) x ceil(W / s) grid. Outputs are cropped to that grid. Padding the caller
+    adds (a batch of mixed sizes) is image content to the backbone, as for any backbone.
+    Each output has its own LayerNorm (as Swin's); classification's class token and final
+    norm are not built. `freeze_at`: 0 none, 1 the first patch embedding, 2 it and res2,
+    3 up to res3, ...; -1 means 0.
+    """
+
+    pad_multiple = 32
+
+    def __init__(self, name: str = "pvt_s", out_features: tuple[str, ...] = tuple(_NAMES),
+                 pretrained: str = "", drop_path_rate: float = 0.1, freeze_at: int = -1,
+                 pretrain_size: int = 224):
+        super().__init__()
+        if name not in _DEPTHS:
+            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_DEPTHS)}")
+        unknown = set(out_features) - set(_NAMES)
+        if unknown:
+            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        depths = _DEPTHS[name]
+        last = max(_NAMES.index(n) for n in out_features)
+        # the schedule spans all 4 stages even when fewer are built (as in Swin)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(last + 1):
+            first, stride = sum(depths[:i]), 4 * 2 ** i
+            self.stages.append(PVTStage(_DIMS[i - 1] if i else 3, i, depths[i],
+                                        rates[first:first + depths[i]], pretrain_size // stride))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # PVT's initialisation
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.out_features = tuple(n for n in _NAMES if n in out_features)
+        self.channels = {n: _DIMS[_NAMES.index(n)] for n in self.out_features}
+        self.strides = {n: 4 * 2 ** _NAMES.index(n) for n in self.out_features}
+        self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n], eps=1e-6) for n in self.out_features})
+        if pretrained:
+            self.load_pretrained(pretrained)
+        freeze_at = max(freeze_at, 0)
+        if freeze_at > last + 2:
+            raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the patch "
+                             f"embedding and the {last + 1} stages this backbone builds")
+        frozen = [self.stages[0].pos_embed, *self.stages[0].patch_embed.parameters()] if freeze_at else []
+        for i in range(freeze_at - 1):  # a frozen stage includes the patch embedding feeding it
+            frozen += [*self.stages[i].parameters(),
+                       *(self.norms[_NAMES[i]].parameters() if _NAMES[i] in self.norms else [])]
+        for p in frozen:
+            p.requires_grad_(False)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load an official PVT v1 state dict (`patch_embed1.proj.weight`, `pos_embed1`,
+        `block1.0.attn.q.weight`, ...); its class token, final norm, head and the stages not
+        built are ignored. The output LayerNorms keep their initialisation."""
+        wanted = {k for k in self.state_dict() if not k.startswith("norms.")}
+        load_converted_state(self, path, wanted, self._from_checkpoint, "PVT v1 state dict of the same size")
+
+    def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
+        if key.startswith(("cls_token", "norm.", "head.")):
+            return None
+        match = re.fullmatch(r"(patch_embed|pos_embed|block)(\d)(.*)", key)
+        if match is None:
+            return key, value
+        part, stage, rest = match.group(1), int(match.group(2)) - 1, match.group(3)
+        if stage >= len(self.stages):
+            return None
+        if part == "pos_embed":  # stage 4's starts with the class token's
+            side = math.isqrt(self.stages[stage].pos_embed.shape[1])
+            value = resize_pos_embed(value[:, value.shape[1] - math.isqrt(value.shape[1]) ** 2:],
+                                     (side, side), mode="bilinear")
+        rest = rest.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.3.")
+        return f"stages.{stage}.{'blocks' if part == 'block' else part}{rest}", value
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        x = F.pad(x, (0, -w % self.pad_multiple, 0, -h % self.pad_multiple))
+        out = OrderedDict()
+        for name, stage in zip(_NAMES, self.stages):
+            stride = 4 * 2 ** _NAMES.index(name)
+            valid = (-(-h // stride), -(-w // stride))
+            tokens, grid, keep = stage(x, valid)
+            if name in self.norms:
+                out[name] = (self.norms[name](tokens).view(b, *grid, -1)[:, :valid[0], :valid[1]]
+                             .permute(0, 3, 1, 2).contiguous())
+            if keep is not None:  # the next patch embedding then sees zero padding
+                tokens = tokens * keep[:, None]
+            x = tokens.transpose(1, 2).reshape(b, -1, *grid)
+        return out

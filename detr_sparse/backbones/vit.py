@@ -1,0 +1,207 @@
+"""Plain ViT / DeiT (patch 16) with ViTDet's simple feature pyramid (Li et al. 2022) as a
+detection backbone.
+
+Output names are `res2` .. `res5` (strides 4, 8, 16, 32), the names of the ResNet and Swin
+backbones, so a config switches backbones by `model.backbone.name` alone and the DETR-family
+defaults (`res3`..`res5`) work unchanged. Unlike ResNet's, these maps are already a pyramid
+(`out_channels` each, normalised): ViTDet puts no FPN on top of them.
+
+No class token: detection reads only the patch map, and ViTDet drops it as well; with it
+every patch would attend to one extra token whose pretraining role (classification) is gone.
+A DeiT / torchvision checkpoint's class (and distillation) token and their position
+embeddings are dropped at load time.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.ops import StochasticDepth
+from torchvision.ops.misc import Conv2dNormActivation
+
+from ..transformers.detr_transformer import apply_in_chunks
+
+_NAMES = ["res2", "res3", "res4", "res5"]
+_MODELS = {"deit_t": (192, 12, 3), "deit_s": (384, 12, 6), "deit_b": (768, 12, 12),
+           "vit_b": (768, 12, 12)}  # embedding dim, depth, heads
+# DeiT (timm) checkpoint names -> torchvision's, inside encoder block i
+_TIMM_BLOCK = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight",
+               "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+               "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+_CLASSIFIER = ("class_token", "encoder.ln.", "heads.", "cls_token", "dist_token", "norm.",
+               "fc_norm.", "head.", "head_dist.")
+
+
+def resize_pos_embed(pos: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tensor:
+    """pos (1, S*S, C) learned on an S x S grid -> (1, h*w, C) for an h x w grid."""
+    side = math.isqrt(pos.shape[1])
+    if (side, side) == tuple(size):
+        return pos
+    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=size, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
+
+
+def load_converted_state(module: nn.Module, path: str, wanted: set[str],
+                         convert: Callable[[str, Tensor], tuple[str, Tensor] | None], what: str) -> None:
+    """Load the state dict at `path` into `module`: `convert(key, value)` gives our (key,
+    value) or None for a checkpoint entry this backbone does not use (classifier, unbuilt
+    stages). Raises ValueError naming the `wanted` keys the file lacks and the file's keys
+    that are neither ours nor known to be unused; module keys not in `wanted` keep their
+    initialisation."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.backbone.pretrained: {path} not found ({what})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    ours, unexpected = {}, []
+    for key, value in state.items():
+        converted = convert(key, value)
+        if converted is not None and converted[0] in wanted:
+            ours[converted[0]] = converted[1]
+        elif converted is not None:
+            unexpected.append(key)
+    missing = sorted(wanted - set(ours))
+    if missing or unexpected:
+        problems = [f"{label} backbone weights {keys[:8]}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ValueError(f"{path}: not a {what}: {'; '.join(problems)}")
+    module.load_state_dict(ours, strict=False)
+
+
+class ViTBlock(EncoderBlock):
+    """torchvision's ViT encoder block (same parameters and names, so torchvision weights
+    load) with stochastic depth on both residual branches. Attention goes straight to
+    scaled_dot_product_attention: nn.MultiheadAttention's inference fast path is invisible
+    to the FLOP counter. x (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float):
+        super().__init__(heads, dim, 4 * dim, dropout=0.0, attention_dropout=0.0)
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def attend(self, x: Tensor) -> Tensor:
+        attn, (b, n, c) = self.self_attention, x.shape
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attend(self.ln_1(x)))
+        return x + self.drop_path(apply_in_chunks(self.mlp, self.ln_2(x)))
+
+
+def _rescale(dim: int, stride: int) -> tuple[nn.Module, int]:
+    """ViTDet's resampling of the stride-16 map to `stride`, and its output channels."""
+    if stride == 4:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2, eps=1e-6),
+                             nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+    if stride == 8:
+        return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
+    if stride == 16:
+        return nn.Identity(), dim
+    # ceil_mode: an odd stride-16 map gives ceil(H / 32) rows, as a strided convolution would
+    return nn.MaxPool2d(2, 2, ceil_mode=True), dim
+
+
+class ViTBackbone(nn.Module):
+    """forward(x: (B, 3, H, W)) -> OrderedDict of the requested maps, each
+    (B, out_channels, ceil(H / s), ceil(W / s)) for its stride s in 4, 8, 16, 32, left
+    channels-last by the last LayerNorm2d (as ResNet's maps: 1x1 projections run faster).
+
+    The image is zero-padded at the bottom/right to a multiple of 16. That padding is less
+    than a patch, so every token still covers real pixels and none is pure padding; the
+    stride-16 map is ceil(H / 16) x ceil(W / 16) and the upsampled maps are cropped to
+    ceil(H / s) x ceil(W / s). Position embeddings, learned on the `pretrain_size` grid
+    (224 / 16 = 14 x 14), are resized bicubically to the grid of each input (as ViTDet).
+    `freeze_at`: -1 or 0 none, 1 the patch and position embeddings.
+    """
+
+    patch_size = 16
+
+    def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(_NAMES),
+                 pretrained: str = "", drop_path_rate: float = 0.1, out_channels: int = 256,
+                 freeze_at: int = -1, pretrain_size: int = 224):
+        super().__init__()
+        if name not in _MODELS:
+            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_MODELS)}")
+        unknown = set(out_features) - set(_NAMES)
+        if unknown:
+            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        if freeze_at not in (-1, 0, 1):
+            raise ValueError(f"model.backbone.freeze_at: {freeze_at}; a ViT freezes nothing "
+                             "(-1, 0) or its patch and position embeddings (1)")
+        dim, depth, heads = _MODELS[name]
+        self.conv_proj = nn.Conv2d(3, dim, self.patch_size, self.patch_size)
+        grid = pretrain_size // self.patch_size
+        self.pos_embedding = nn.Parameter(torch.empty(1, grid * grid, dim).normal_(std=0.02))
+        # "encoder_layer_i" as in torchvision, whose weights then load under one prefix
+        self.layers = nn.Sequential(OrderedDict(
+            (f"encoder_layer_{i}", ViTBlock(dim, heads, drop_path_rate * i / max(depth - 1, 1)))
+            for i in range(depth)))
+        self.out_features = tuple(n for n in _NAMES if n in out_features)
+        self.channels = {n: out_channels for n in self.out_features}
+        self.strides = {n: 4 * 2 ** _NAMES.index(n) for n in self.out_features}
+        norm = partial(LayerNorm2d, eps=1e-6)
+        self.rescale, self.project = nn.ModuleDict(), nn.ModuleDict()
+        for n in self.out_features:
+            self.rescale[n], channels = _rescale(dim, self.strides[n])
+            self.project[n] = nn.Sequential(
+                Conv2dNormActivation(channels, out_channels, 1, norm_layer=norm, activation_layer=None),
+                Conv2dNormActivation(out_channels, out_channels, 3, norm_layer=norm, activation_layer=None))
+        if pretrained:
+            self.load_pretrained(pretrained)
+        if freeze_at == 1:
+            for p in [self.pos_embedding, *self.conv_proj.parameters()]:
+                p.requires_grad_(False)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a torchvision ViT state dict (`conv_proj.weight`, `encoder.layers.encoder_layer_0
+        ...`) or a DeiT / timm one (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...).
+        The classifier is ignored; the pyramid is detection-specific and keeps its
+        initialisation. A position embedding learned on another grid is resized to ours."""
+        wanted = {k for k in self.state_dict() if not k.startswith(("rescale.", "project."))}
+        load_converted_state(self, path, wanted, self._from_checkpoint,
+                             "torchvision or DeiT ViT state dict of the same size")
+
+    def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
+        if key.startswith(_CLASSIFIER):
+            return None
+        if key in ("encoder.pos_embedding", "pos_embed"):
+            # class (and DeiT's distillation) tokens come first, then a square patch grid
+            extra = value.shape[1] - math.isqrt(value.shape[1]) ** 2
+            side = math.isqrt(self.pos_embedding.shape[1])
+            return "pos_embedding", resize_pos_embed(value[:, extra:], (side, side))
+        if key.startswith("patch_embed.proj."):
+            return key.replace("patch_embed.proj.", "conv_proj."), value
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            theirs = next((t for t in _TIMM_BLOCK if rest.startswith(t)), "")
+            rest = _TIMM_BLOCK.get(theirs, "") + rest[len(theirs):]
+            return f"layers.encoder_layer_{i}.{rest}", value
+        return key.removeprefix("encoder."), value
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
+
+    def position_embedding(self, size: tuple[int, int]) -> Tensor:
+        """(1, h*w, C) position embeddings for an h x w patch grid."""
+        return resize_pos_embed(self.pos_embedding, size, mode="bicubic")
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % self.patch_size, 0, -h % self.patch_size))
+        x = self.conv_proj(x)  # (B, C, ceil(H/16), ceil(W/16))
+        b, c, gh, gw = x.shape
+        tokens = self.layers(x.flatten(2).transpose(1, 2) + self.position_embedding((gh, gw)))
+        x = tokens.transpose(1, 2).reshape(b, c, gh, gw)
+        out = OrderedDict()
+        for n in self.out_features:
+            stride = self.strides[n]
+            # cropped before the 3x3 convolution, which then zero-pads at the image border
+            out[n] = self.project[n](self.rescale[n](x)[..., : -(-h // stride), : -(-w // stride)])
+        return out
