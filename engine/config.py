@@ -92,6 +92,41 @@ class PanopticConfig:
 
 
 @dataclass
+class TwoStageConfig:
+    """Mask R-CNN and Panoptic FPN (model.name mask_rcnn | panoptic_fpn) on torchvision's RPN
+    and RoI heads; defaults are torchvision's maskrcnn_resnet50_fpn and detectron2's Panoptic
+    FPN. Levels: the backbone's out_features (e.g. [res2, res3, res4, res5]) + a max-pool one."""
+    fpn_channels: int = 256  # FPN width; a ViT backbone (already a pyramid) has no FPN and keeps its width
+    anchor_scale: float = 8.0  # anchor side = anchor_scale * level stride (32 .. 512 on strides 4 .. 64)
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    rpn_pre_nms_top_n_train: int = 2000  # proposals per level before NMS
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000  # proposals per image after NMS
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256  # anchors sampled for the RPN losses
+    rpn_positive_fraction: float = 0.5
+    rpn_score_thresh: float = 0.0
+    box_head_dim: int = 1024  # width of the two fully connected layers of the box head
+    box_score_thresh: float = 0.05  # detections kept in eval
+    box_nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512  # proposals sampled for the box losses
+    box_positive_fraction: float = 0.25
+    mask_head_dim: int = 256  # width of the four 3x3 convolutions of the mask head
+    # Panoptic FPN
+    semantic_channels: int = 128  # width of the semantic FPN head
+    semantic_loss_weight: float = 0.5
+    instance_score_thresh: float = 0.5  # detections below it stay out of the panoptic map
+    overlap_thresh: float = 0.5  # an instance more than this on taken pixels is dropped
+    stuff_area: int = 4096  # a stuff region of fewer free pixels is dropped (COCO: 4096)
+
+
+@dataclass
 class ModelConfig:
     name: str = "detr"
     num_classes: int = 0  # 0: taken from the training set's categories
@@ -104,6 +139,7 @@ class ModelConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     pnp: PnPConfig = field(default_factory=PnPConfig)
     panoptic: PanopticConfig = field(default_factory=PanopticConfig)
+    rcnn: TwoStageConfig = field(default_factory=TwoStageConfig)  # mask_rcnn, panoptic_fpn
     # a checkpoint whose model weights initialise training (e.g. the detector under a new mask
     # branch); missing and unexpected keys are logged by name. A resumed run ignores it.
     weights: str = ""
