@@ -84,6 +84,7 @@ class DETR(nn.Module):
         d = self.transformer.d_model
         self.panoptic_head = PanopticHead(d, heads, [self.backbone.channels[n] for n in finer])
         self.parts = {**self.parts, "mask head": "panoptic_head"}
+        self.eval_types = ("bbox", "panoptic")
         self.register_buffer("is_thing", torch.tensor(is_thing, dtype=torch.bool))
         self.panoptic_threshold = threshold
         self.freeze_detector = freeze_detector

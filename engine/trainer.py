@@ -60,9 +60,13 @@ def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
 
 
 def build_evaluators(model, val_set) -> list:
-    """Box AP always; PQ too when the model segments (DETR's panoptic branch)."""
-    evaluators = [CocoEvaluator(val_set.coco, val_set.label_to_cat_id, ("bbox",))]
-    if getattr(model, "panoptic_head", None) is not None:
+    """The evaluators of what the model predicts (`model.eval_types`, default boxes): COCO
+    box and mask AP, PQ. Mask AP needs instance masks in the annotations (data.masks on a
+    COCO instances set); on a panoptic set the model's masks are scored by PQ."""
+    types = getattr(model, "eval_types", ("bbox",))
+    coco_types = [t for t in types if t == "bbox" or (t == "segm" and not hasattr(val_set, "panoptic_anns"))]
+    evaluators = [CocoEvaluator(val_set.coco, val_set.label_to_cat_id, tuple(coco_types))]
+    if "panoptic" in types:
         evaluators.append(PanopticEvaluator(val_set.categories, val_set.label_to_cat_id))
     return evaluators
 

@@ -134,3 +134,15 @@ def test_panoptic_run_reports_pq_and_the_frozen_schedule_trains_only_the_mask_br
     assert changed and all(k.startswith("panoptic_head.") for k in changed)
     for t in (joint, frozen):
         t.close()
+
+
+def test_two_stage_runs_report_what_they_predict(tiny_coco, tmp_path):
+    common = {"model.backbone.out_features": "[res2,res3,res4,res5]", "train.epochs": 1,
+              "train.clip_max_norm": 0.0}
+    mask_rcnn = _trainer(tiny_coco, tmp_path / "mask_rcnn", **common, **{"model.name": "mask_rcnn", "data.masks": "true"})
+    assert set(mask_rcnn.train()) == {"bbox", "segm"}
+    panoptic = _trainer(tiny_coco, tmp_path / "panoptic", **common, **{"model.name": "panoptic_fpn", "data.panoptic": "true"})
+    stats = panoptic.train()  # masks scored by PQ: the panoptic set has no instance annotations
+    assert set(stats) == {"bbox", "panoptic"} and 0 <= stats["panoptic"]["PQ"] <= 1
+    for t in (mask_rcnn, panoptic):
+        t.close()
