@@ -135,17 +135,22 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
+COCO_PANOPTIC_THINGS, COCO_PANOPTIC_STUFF = 80, 53  # COCO panoptic labels: the things first
+
+
 def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
                      is_thing: list[bool] | None = None) -> torch.nn.Module:
     """The configured detector on `device` in eval mode, with the weights of `checkpoint`
     ("" keeps the random initial weights): what the tools measure and draw. is_thing: the
-    dataset's thing / stuff split for a panoptic model; without it every class counts as a
-    thing until the checkpoint's own split (a model buffer) is loaded."""
+    dataset's thing / stuff split for a panoptic model; without it (benchmarks without
+    data) COCO panoptic's 80 things + 53 stuff classes stand in, a DETR checkpoint bringing
+    its own split (a model buffer)."""
     from detr_sparse import build_model
 
     num_classes = model_cfg.num_classes or num_classes
-    if is_thing is None and model_cfg.panoptic.enabled:
-        is_thing = [True] * num_classes
+    if is_thing is None and (model_cfg.panoptic.enabled or model_cfg.name == "panoptic_fpn"):
+        num_classes = COCO_PANOPTIC_THINGS + COCO_PANOPTIC_STUFF
+        is_thing = [i < COCO_PANOPTIC_THINGS for i in range(num_classes)]
     model = build_model(model_cfg, num_classes, is_thing).to(device).eval()
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)
