@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from .swin import ChunkedMLP
+from .levels import LEVEL_NAMES, check_backbone_args
 from .vit import load_converted_state, resize_pos_embed
 
-_NAMES = ["res2", "res3", "res4", "res5"]
 _DEPTHS = {"pvt_t": [2, 2, 2, 2], "pvt_s": [3, 4, 6, 3]}
 _DIMS, _HEADS, _MLP_RATIOS = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4]
 _SR_RATIOS, _PATCH = [8, 4, 2, 1], [4, 2, 2, 2]
@@ -136,17 +136,13 @@ class PVTBackbone(nn.Module):
 
     pad_multiple = 32
 
-    def __init__(self, name: str = "pvt_s", out_features: tuple[str, ...] = tuple(_NAMES),
+    def __init__(self, name: str = "pvt_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
                  pretrained: str = "", drop_path_rate: float = 0.1, freeze_at: int = -1,
                  pretrain_size: int = 224):
         super().__init__()
-        if name not in _DEPTHS:
-            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_DEPTHS)}")
-        unknown = set(out_features) - set(_NAMES)
-        if unknown:
-            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        check_backbone_args(name, _DEPTHS, out_features)
         depths = _DEPTHS[name]
-        last = max(_NAMES.index(n) for n in out_features)
+        last = max(LEVEL_NAMES.index(n) for n in out_features)
         # the schedule spans all 4 stages even when fewer are built (as in Swin)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
@@ -158,9 +154,9 @@ class PVTBackbone(nn.Module):
             if isinstance(m, nn.Linear):  # PVT's initialisation
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.out_features = tuple(n for n in _NAMES if n in out_features)
-        self.channels = {n: _DIMS[_NAMES.index(n)] for n in self.out_features}
-        self.strides = {n: 4 * 2 ** _NAMES.index(n) for n in self.out_features}
+        self.out_features = tuple(n for n in LEVEL_NAMES if n in out_features)
+        self.channels = {n: _DIMS[LEVEL_NAMES.index(n)] for n in self.out_features}
+        self.strides = {n: 4 * 2 ** LEVEL_NAMES.index(n) for n in self.out_features}
         self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n], eps=1e-6) for n in self.out_features})
         if pretrained:
             self.load_pretrained(pretrained)
@@ -171,7 +167,7 @@ class PVTBackbone(nn.Module):
         frozen = [self.stages[0].pos_embed, *self.stages[0].patch_embed.parameters()] if freeze_at else []
         for i in range(freeze_at - 1):  # a frozen stage includes the patch embedding feeding it
             frozen += [*self.stages[i].parameters(),
-                       *(self.norms[_NAMES[i]].parameters() if _NAMES[i] in self.norms else [])]
+                       *(self.norms[LEVEL_NAMES[i]].parameters() if LEVEL_NAMES[i] in self.norms else [])]
         for p in frozen:
             p.requires_grad_(False)
 
@@ -205,8 +201,8 @@ class PVTBackbone(nn.Module):
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         x = F.pad(x, (0, -w % self.pad_multiple, 0, -h % self.pad_multiple))
         out = OrderedDict()
-        for name, stage in zip(_NAMES, self.stages):
-            stride = 4 * 2 ** _NAMES.index(name)
+        for name, stage in zip(LEVEL_NAMES, self.stages):
+            stride = 4 * 2 ** LEVEL_NAMES.index(name)
             valid = (-(-h // stride), -(-w // stride))
             tokens, grid, keep = stage(x, valid)
             if name in self.norms:

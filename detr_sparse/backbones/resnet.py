@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .levels import LEVEL_NAMES
+
 _STAGES = ["layer1", "layer2", "layer3", "layer4"]
-_NAMES = ["res2", "res3", "res4", "res5"]
 
 
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -53,20 +54,20 @@ class ResNetBackbone(nn.Module):
         net = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation],
             norm_layer=_norm_layer(norm))
-        unknown = set(out_features) - set(_NAMES)
+        unknown = set(out_features) - set(LEVEL_NAMES)
         if unknown:
-            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+            raise ValueError(f"backbone out_features {sorted(unknown)} not in {LEVEL_NAMES}")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        last = max(_NAMES.index(n) for n in out_features)
-        self.stages = nn.ModuleDict({_NAMES[i]: getattr(net, _STAGES[i]) for i in range(last + 1)})
+        last = max(LEVEL_NAMES.index(n) for n in out_features)
+        self.stages = nn.ModuleDict({LEVEL_NAMES[i]: getattr(net, _STAGES[i]) for i in range(last + 1)})
         self.out_features = tuple(out_features)
         # the last convolution of each stage's last block (conv3 in Bottleneck, conv2 in BasicBlock)
         last_convs = [getattr(getattr(net, s)[-1], "conv3", None) or getattr(net, s)[-1].conv2
                       for s in _STAGES]
         channels = [conv.out_channels for conv in last_convs]
         strides = [4, 8, 16, 16 if dilation else 32]
-        self.channels = {n: channels[_NAMES.index(n)] for n in out_features}
-        self.strides = {n: strides[_NAMES.index(n)] for n in out_features}
+        self.channels = {n: channels[LEVEL_NAMES.index(n)] for n in out_features}
+        self.strides = {n: strides[LEVEL_NAMES.index(n)] for n in out_features}
         self.channels_last = channels_last
         if pretrained:
             self.load_torchvision_state(pretrained)
@@ -119,4 +120,4 @@ def _to_torchvision(name: str) -> str:
         index, rest = name[len("stem."):].split(".", 1)
         return f"{['conv1', 'bn1'][int(index)]}.{rest}"
     stage, rest = name[len("stages."):].split(".", 1)
-    return f"{_STAGES[_NAMES.index(stage)]}.{rest}"
+    return f"{_STAGES[LEVEL_NAMES.index(stage)]}.{rest}"

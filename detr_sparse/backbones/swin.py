@@ -13,8 +13,8 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.ops.misc import MLP
 
 from ..transformers.detr_transformer import apply_in_chunks
+from .levels import LEVEL_NAMES, check_backbone_args
 
-_NAMES = ["res2", "res3", "res4", "res5"]
 _MODELS = ("swin_t", "swin_s", "swin_b")
 _PATCH = 4  # stride of the patch embedding
 
@@ -35,11 +35,7 @@ class SwinBackbone(nn.Module):
     def __init__(self, name: str = "swin_t", out_features: tuple[str, ...] = ("res3", "res4", "res5"),
                  pretrained: str = "", freeze_at: int = -1, drop_path_rate: float = 0.2):
         super().__init__()
-        if name not in _MODELS:
-            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_MODELS)}")
-        unknown = set(out_features) - set(_NAMES)
-        if unknown:
-            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        check_backbone_args(name, _MODELS, out_features)
         net = getattr(torchvision.models, name)(weights=None)
         # the builders hard-code stochastic_depth_prob (0.2 / 0.3 / 0.5), so the linear
         # per-block schedule is redone here; it spans all 4 stages even when fewer are built,
@@ -50,12 +46,12 @@ class SwinBackbone(nn.Module):
         for block in blocks:
             block.mlp = ChunkedMLP.from_torchvision(block.mlp)
             block.attn = WindowAttention.from_torchvision(block.attn)
-        last = max(_NAMES.index(n) for n in out_features)
+        last = max(LEVEL_NAMES.index(n) for n in out_features)
         self.features = net.features[: 2 * last + 2]
         embed_dim = net.features[0][0].out_channels
         self.out_features = tuple(out_features)
-        self.channels = {n: embed_dim * 2 ** _NAMES.index(n) for n in out_features}
-        self.strides = {n: _PATCH * 2 ** _NAMES.index(n) for n in out_features}
+        self.channels = {n: embed_dim * 2 ** LEVEL_NAMES.index(n) for n in out_features}
+        self.strides = {n: _PATCH * 2 ** LEVEL_NAMES.index(n) for n in out_features}
         self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n]) for n in out_features})
         if pretrained:
             self.load_torchvision_state(pretrained)
@@ -65,7 +61,7 @@ class SwinBackbone(nn.Module):
                              f"embedding and the {last + 1} stages this backbone builds")
         # how many features[] entries freeze_at covers: stage 1 has no merge, later ones do
         frozen = list(self.features[: [0, 1, 2, 4, 6, 8][freeze_at]])
-        frozen += [self.norms[n] for n in _NAMES[: max(freeze_at - 1, 0)] if n in self.norms]
+        frozen += [self.norms[n] for n in LEVEL_NAMES[: max(freeze_at - 1, 0)] if n in self.norms]
         for p in (p for m in frozen for p in m.parameters()):
             p.requires_grad_(False)
 
@@ -94,7 +90,7 @@ class SwinBackbone(nn.Module):
         x = F.pad(x, (0, -w % _PATCH, 0, -h % _PATCH))
         x = self.features[0](x)  # (B, H/4, W/4, C): torchvision's Swin works in NHWC
         out = OrderedDict()
-        for i, name in enumerate(_NAMES[: (len(self.features) // 2)]):
+        for i, name in enumerate(LEVEL_NAMES[: (len(self.features) // 2)]):
             if i > 0:
                 x = self.features[2 * i](x)  # patch merging: halves H, W (padding odd sizes)
             x = self.features[2 * i + 1](x)

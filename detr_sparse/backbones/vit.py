@@ -28,8 +28,8 @@ from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..transformers.detr_transformer import apply_in_chunks
+from .levels import LEVEL_NAMES, check_backbone_args
 
-_NAMES = ["res2", "res3", "res4", "res5"]
 _MODELS = {"deit_t": (192, 12, 3), "deit_s": (384, 12, 6), "deit_b": (768, 12, 12),
            "vit_b": (768, 12, 12)}  # embedding dim, depth, heads
 # DeiT (timm) checkpoint names -> torchvision's, inside encoder block i
@@ -123,15 +123,11 @@ class ViTBackbone(nn.Module):
 
     patch_size = 16
 
-    def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(_NAMES),
+    def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
                  pretrained: str = "", drop_path_rate: float = 0.1, out_channels: int = 256,
                  freeze_at: int = -1, pretrain_size: int = 224):
         super().__init__()
-        if name not in _MODELS:
-            raise ValueError(f"model.backbone.name: '{name}' is not one of {list(_MODELS)}")
-        unknown = set(out_features) - set(_NAMES)
-        if unknown:
-            raise ValueError(f"backbone out_features {sorted(unknown)} not in {_NAMES}")
+        check_backbone_args(name, _MODELS, out_features)
         if freeze_at not in (-1, 0, 1):
             raise ValueError(f"model.backbone.freeze_at: {freeze_at}; a ViT freezes nothing "
                              "(-1, 0) or its patch and position embeddings (1)")
@@ -143,9 +139,9 @@ class ViTBackbone(nn.Module):
         self.layers = nn.Sequential(OrderedDict(
             (f"encoder_layer_{i}", ViTBlock(dim, heads, drop_path_rate * i / max(depth - 1, 1)))
             for i in range(depth)))
-        self.out_features = tuple(n for n in _NAMES if n in out_features)
+        self.out_features = tuple(n for n in LEVEL_NAMES if n in out_features)
         self.channels = {n: out_channels for n in self.out_features}
-        self.strides = {n: 4 * 2 ** _NAMES.index(n) for n in self.out_features}
+        self.strides = {n: 4 * 2 ** LEVEL_NAMES.index(n) for n in self.out_features}
         norm = partial(LayerNorm2d, eps=1e-6)
         self.rescale, self.project = nn.ModuleDict(), nn.ModuleDict()
         for n in self.out_features:
