@@ -12,3 +12,13 @@ def check_backbone_args(name: str, known, out_features) -> None:
     unknown = set(out_features) - set(LEVEL_NAMES)
     if unknown:
         raise ValueError(f"backbone out_features {sorted(unknown)} not in {LEVEL_NAMES}")
+
+
+def checked_freeze_at(freeze_at: int, last: int) -> int:
+    """freeze_at (-1 = 0) for a backbone whose patch embedding and stages 0..last are built:
+    ValueError naming the key when it asks to freeze more than that."""
+    freeze_at = max(freeze_at, 0)
+    if freeze_at > last + 2:
+        raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the patch "
+                         f"embedding and the {last + 1} stages this backbone builds")
+    return freeze_at

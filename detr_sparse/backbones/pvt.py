@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from .swin import ChunkedMLP
-from .levels import LEVEL_NAMES, check_backbone_args
+from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 from .vit import load_converted_state, resize_pos_embed
 
 _DEPTHS = {"pvt_t": [2, 2, 2, 2], "pvt_s": [3, 4, 6, 3]}
@@ -160,10 +160,7 @@ class PVTBackbone(nn.Module):
         self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n], eps=1e-6) for n in self.out_features})
         if pretrained:
             self.load_pretrained(pretrained)
-        freeze_at = max(freeze_at, 0)
-        if freeze_at > last + 2:
-            raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the patch "
-                             f"embedding and the {last + 1} stages this backbone builds")
+        freeze_at = checked_freeze_at(freeze_at, last)
         frozen = [self.stages[0].pos_embed, *self.stages[0].patch_embed.parameters()] if freeze_at else []
         for i in range(freeze_at - 1):  # a frozen stage includes the patch embedding feeding it
             frozen += [*self.stages[i].parameters(),

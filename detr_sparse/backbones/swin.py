@@ -13,7 +13,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.ops.misc import MLP
 
 from ..transformers.detr_transformer import apply_in_chunks
-from .levels import LEVEL_NAMES, check_backbone_args
+from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 
 _MODELS = ("swin_t", "swin_s", "swin_b")
 _PATCH = 4  # stride of the patch embedding
@@ -55,10 +55,7 @@ class SwinBackbone(nn.Module):
         self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n]) for n in out_features})
         if pretrained:
             self.load_torchvision_state(pretrained)
-        freeze_at = max(freeze_at, 0)
-        if freeze_at > last + 2:
-            raise ValueError(f"model.backbone.freeze_at: {freeze_at} is more than the patch "
-                             f"embedding and the {last + 1} stages this backbone builds")
+        freeze_at = checked_freeze_at(freeze_at, last)
         # how many features[] entries freeze_at covers: stage 1 has no merge, later ones do
         frozen = list(self.features[: [0, 1, 2, 4, 6, 8][freeze_at]])
         frozen += [self.norms[n] for n in LEVEL_NAMES[: max(freeze_at - 1, 0)] if n in self.norms]
