@@ -6,6 +6,7 @@ DETR; eval outputs can carry the computation density map (`forward_raw(...)["sam
 DETR's panoptic branch reads the encoder memory through the reverse projection."""
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
@@ -15,6 +16,8 @@ from .detr import DETR, build_detr
 from .image_batch import ImageBatch
 from .sparsity.pnp import PollAndPool, SampledTokens, reverse_project, score_regulariser
 from .sparsity.tokens import keep_statistics
+
+log = logging.getLogger(__name__)
 
 
 class PnPDETR(DETR):
@@ -68,6 +71,11 @@ class PnPDETR(DETR):
 def build_pnp_detr(cfg, num_classes: int, is_thing: list[bool] | None = None) -> PnPDETR:
     """model.name "pnp_detr": DETR with model.pnp settings."""
     p = cfg.pnp
+    if cfg.transformer.pre_norm:
+        # measured on the synthetic set: the poll scores then ignore or even avoid the objects
+        log.warning("model.transformer.pre_norm with pnp_detr: the encoder's first LayerNorm "
+                    "cancels the poll score that multiplies each fine token, so the score network "
+                    "barely learns; PnP-DETR is built on DETR's post-norm transformer")
     return build_detr(cfg, num_classes, is_thing, model_cls=PnPDETR, poll_ratio=p.poll_ratio,
                       random_ratio=tuple(p.random_ratio), num_coarse=p.num_coarse,
                       score_loss_weight=p.score_loss_weight)

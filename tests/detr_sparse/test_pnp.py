@@ -138,3 +138,10 @@ def test_polling_every_token_leaves_finite_gradients():
     s.src.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in sampler.parameters() if p.grad is not None)
     assert torch.isfinite(src.grad).all()
+
+
+def test_a_pre_norm_transformer_is_flagged(caplog):
+    _model()
+    assert "pre_norm" not in caplog.text  # DETR's post-norm: the poll score reaches attention
+    _model("model.transformer.pre_norm=true")
+    assert "model.transformer.pre_norm with pnp_detr" in caplog.text
