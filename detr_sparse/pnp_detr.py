@@ -41,10 +41,11 @@ class PnPDETR(DETR):
 
     def token_maps(self, out: dict) -> dict:
         """For pictures, from forward_raw's outputs: {"maps": {"poll score", "density"} (B, N),
-        "valid", "shapes" (one level), "starts"}."""
+        "kept" (the polled tokens), "valid", "shapes" (one level), "starts"}."""
         s: SampledTokens = out["sampled"]
         h, w = s.map_shape
-        return {"maps": {"poll score": s.scores, "density": s.density()}, "valid": ~s.map_mask,
+        return {"maps": {"poll score": s.scores, "density": s.density()},
+                "kept": s.polled.dense(s.scores.shape[1]), "valid": ~s.map_mask,
                 "shapes": torch.tensor([[h, w]]), "starts": torch.tensor([0])}
 
     def run_transformer(self, src: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, dict]:

@@ -115,11 +115,13 @@ class SparseDETR(DeformableDETR):
 
     def token_maps(self, out: dict) -> dict | None:
         """For pictures, from forward_raw's outputs: {"maps": {"kept": (B, S), "DAM": (B, S)},
-        "valid", "shapes", "starts", "counts"}; None when the encoder was dense."""
+        "kept" (the encoder's tokens), "valid", "shapes", "starts", "counts"}; None when the
+        encoder was dense."""
         if "kept" not in out:
             return None
         t = out["token_map"]
-        return {"maps": {"kept": out["kept"].dense(t.mask.shape[1]), "DAM": self.decoder_attention_map(t)},
+        kept = out["kept"].dense(t.mask.shape[1])
+        return {"maps": {"kept": kept, "DAM": self.decoder_attention_map(t)}, "kept": kept,
                 "valid": ~t.mask, "shapes": t.shapes, "starts": t.starts, "counts": out["kept"].counts}
 
     def sparsity_losses(self, out: dict) -> dict[str, Tensor]:

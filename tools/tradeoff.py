@@ -1,7 +1,8 @@
 """The accuracy / cost trade-off of a token-sparse model from one checkpoint: for each ratio
 (Sparse DETR's keep ratio rho, PnP-DETR's poll ratio), val AP and AP50, GFLOPs (in total,
-without the deformable sampling, of the encoder and of the whole transformer) and median
-latency.
+without the deformable sampling, of the encoder and of the whole transformer), median
+latency, and where the kept tokens are: the share of val tokens inside a (thing) box that the
+model keeps (Sparse DETR's encoder tokens, PnP-DETR's polled tokens), and of those outside.
 
     python tools/tradeoff.py --config out/sparse/config.yaml --checkpoint out/sparse/checkpoint.pth \
         --ratio 0.1 0.2 0.3 0.5 1.0 [--size H W] [--json]
@@ -31,10 +32,23 @@ from engine.distributed import DistInfo, resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import evaluate  # noqa: E402
 from engine.trainer import build_evaluators, make_loader  # noqa: E402
+from engine.visualize import kept_in_boxes, sparsity_maps  # noqa: E402
 
 
 def ratio_attribute(model) -> str | None:
     return next((a for a in RATIO_ATTRIBUTES if hasattr(model, a)), None)
+
+
+def kept_shares(model, loader, device, is_thing=None) -> tuple[float, float]:
+    """Shares of the val tokens inside / outside the (thing) boxes that the model keeps
+    (nan when no pass has token maps: Sparse DETR's dense encoder)."""
+    counts = torch.zeros(4)
+    for images, targets in loader:
+        images = images.to(device)
+        maps = sparsity_maps(model, images)
+        if maps is not None:
+            counts += kept_in_boxes(maps, targets, tuple(images.tensors.shape[-2:]), is_thing)
+    return (counts[0] / counts[1]).item(), (counts[2] / counts[3]).item()
 
 
 def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], runs: int) -> list[dict]:
@@ -47,6 +61,7 @@ def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], ru
                            show_progress=False)
         stats = results["bbox"]
         flops = count_flops(model, inputs, model.parts)
+        inside, outside = kept_shares(model, loader, inputs.tensors.device, getattr(val_set, "is_thing", None))
         sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
         rows.append({"ratio": ratio, "AP": stats["AP"], "AP50": stats["AP50"],
                      **({"PQ": results["panoptic"]["PQ"]} if "panoptic" in results else {}),
@@ -54,19 +69,22 @@ def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], ru
                      "gflops_without_sampling": flops.total - sampling,
                      "gflops_encoder": flops.by_part["encoder"],
                      "gflops_transformer": sum(flops.by_part[p] for p in transformer_parts),
-                     "latency_s": measure_latency(model, inputs, runs=runs)})
+                     "latency_s": measure_latency(model, inputs, runs=runs),
+                     "kept_in_boxes": inside, "kept_outside": outside})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     pq = "PQ" in rows[0]
     print("ratio | AP | AP50 | " + ("PQ | " if pq else "") +
-          "GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s")
+          "GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s | "
+          "kept in boxes | kept outside")
     for r in rows:
         print(f"{r['ratio']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | " + (f"{r['PQ']:.3f} | " if pq else "") +
               f"{r['gflops']:.3f} | "
               f"{r['gflops_without_sampling']:.3f} | {r['gflops_encoder']:.3f} | "
-              f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f}")
+              f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f} | "
+              f"{r['kept_in_boxes']:.3f} | {r['kept_outside']:.3f}")
 
 
 def main(argv=None) -> list[dict]:

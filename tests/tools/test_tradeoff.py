@@ -15,6 +15,7 @@ def test_tradeoff_table_over_keep_ratios(tiny_coco, tmp_path, capsys):
     assert all(0 <= r["AP50"] <= 1 and r["latency_s"] > 0 for r in rows)
     assert rows[0]["gflops_encoder"] < rows[1]["gflops_encoder"]
     assert rows[0]["gflops_without_sampling"] < rows[0]["gflops"]
+    assert rows[1]["kept_in_boxes"] == 1.0 and rows[0]["kept_outside"] < 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("ratio | AP | AP50") and json.loads(out[-1])["ratio"] == 1.0
 
@@ -24,3 +25,6 @@ def test_tradeoff_over_poll_ratios(tiny_coco, tmp_path):
     rows = tradeoff.main(["--config", str(REPO / "configs/pnp_detr_r50.yaml"), "--ratio", "0.3", "1.0",
                           "--runs", "1", "--opts", *opts])
     assert rows[0]["gflops_transformer"] < rows[1]["gflops_transformer"]
+    # every token polled at 1.0; at 0.3 fewer, inside and outside the boxes
+    assert rows[1]["kept_in_boxes"] == rows[1]["kept_outside"] == 1.0
+    assert 0 < rows[0]["kept_in_boxes"] < 1 and 0 < rows[0]["kept_outside"] < 1
