@@ -15,7 +15,7 @@ from torch import Tensor
 from .detr import DETR, build_detr
 from .image_batch import ImageBatch
 from .sparsity.pnp import PollAndPool, SampledTokens, reverse_project, score_regulariser
-from .sparsity.tokens import keep_statistics
+from .sparsity.tokens import box_shares, keep_statistics, kept_in_boxes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ class PnPDETR(DETR):
         losses = self.losses(out, images, targets)
         sampled: SampledTokens = out["sampled"]
         losses["loss_poll_score"] = self.score_loss_weight * score_regulariser(sampled)
-        return {**losses, **keep_statistics(sampled.polled, sampled.map_mask, prefix="poll_ratio")}
+        maps = self.token_maps(out)
+        where = kept_in_boxes(maps["kept"], maps["valid"], maps["shapes"], targets,
+                              tuple(images.tensors.shape[-2:]), getattr(self, "is_thing", None))
+        return {**losses, **keep_statistics(sampled.polled, sampled.map_mask, prefix="poll_ratio"),
+                **box_shares(where, "poll")}
 
 
 def build_pnp_detr(cfg, num_classes: int, is_thing: list[bool] | None = None) -> PnPDETR:

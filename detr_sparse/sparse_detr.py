@@ -17,8 +17,8 @@ from .deformable_detr import DeformableDETR, build_deformable_detr, detection_he
 from .detr import normalized_targets
 from .sparsity.sparse_detr import (ScoringNetwork, attention_map, binarize_top, reference_correlation,
                                    scoring_loss)
-from .sparsity.tokens import (KeptTokens, gather_tokens, keep_counts, keep_statistics, scatter_tokens,
-                              select_top)
+from .sparsity.tokens import (KeptTokens, box_shares, gather_tokens, keep_counts, keep_statistics,
+                              kept_in_boxes, scatter_tokens, select_top)
 from .transformers.deformable_transformer import TokenMap, encoder_proposals
 
 SALIENCY = ("dam", "os")
@@ -106,6 +106,10 @@ class SparseDETR(DeformableDETR):
         losses = self.criterion(out, normalized_targets(targets, images.sizes))
         if "kept" in out:
             losses.update(self.sparsity_losses(out))
+            t = out["token_map"]
+            where = kept_in_boxes(out["kept"].dense(t.mask.shape[1]), ~t.mask, t.shapes, targets,
+                                  tuple(images.tensors.shape[-2:]))
+            losses.update(box_shares(where, "keep"))
         return losses
 
     def decoder_attention_map(self, t: TokenMap) -> Tensor:

@@ -105,38 +105,6 @@ def sparsity_maps(model, images) -> dict | None:
     return {**layout, "maps": {k: v.float().cpu() for k, v in maps["maps"].items()}, "out": out}
 
 
-def token_centres(shapes: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
-    """(S, 2) x, y pixel centres of the tokens of maps `shapes` (L, 2) laid level after
-    level, row-major, over a padded batch of `padded_size` (H, W)."""
-    centres = []
-    for h, w in shapes.tolist():
-        ys = (torch.arange(h) + 0.5) * padded_size[0] / h
-        xs = (torch.arange(w) + 0.5) * padded_size[1] / w
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        centres.append(torch.stack([x.flatten(), y.flatten()], 1))
-    return torch.cat(centres)
-
-
-def kept_in_boxes(maps: dict, targets: list[dict], padded_size: tuple[int, int],
-                  is_thing: list[bool] | None = None) -> torch.Tensor:
-    """Does a sparse model keep the tokens of the objects? From `sparsity_maps` of a batch
-    and its targets (absolute xyxy boxes; only thing classes when is_thing is given):
-    counts [kept inside a box, tokens inside, kept outside, tokens outside] over the valid
-    tokens, a token being inside when its centre is."""
-    x, y = token_centres(maps["shapes"], padded_size).unbind(1)
-    counts = torch.zeros(4)
-    for kept, valid, target in zip(maps["kept"], maps["valid"], targets):
-        boxes = target["boxes"].cpu()
-        if is_thing is not None:
-            boxes = boxes[torch.tensor(is_thing)[target["labels"].cpu()]]
-        inside = ((x[:, None] >= boxes[:, 0]) & (x[:, None] < boxes[:, 2]) &
-                  (y[:, None] >= boxes[:, 1]) & (y[:, None] < boxes[:, 3])).any(1)
-        for i, region in enumerate((inside & valid, ~inside & valid)):
-            counts[2 * i] += (kept & region).sum()
-            counts[2 * i + 1] += region.sum()
-    return counts
-
-
 def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
     """`sparsity_panels` of the first `limit` images of an ImageBatch (a fresh no-grad pass
     of `model`); [] for a model without token maps."""

@@ -25,6 +25,7 @@ RATIO_ATTRIBUTES = ("rho", "poll_ratio")
 
 from datasets import build_dataset  # noqa: E402
 from detr_sparse.image_batch import ImageBatch  # noqa: E402
+from detr_sparse.sparsity.tokens import kept_in_boxes  # noqa: E402
 from engine.benchmark import count_flops, measure_latency  # noqa: E402
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
@@ -32,7 +33,7 @@ from engine.distributed import DistInfo, resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import evaluate  # noqa: E402
 from engine.trainer import build_evaluators, make_loader  # noqa: E402
-from engine.visualize import kept_in_boxes, sparsity_maps  # noqa: E402
+from engine.visualize import sparsity_maps  # noqa: E402
 
 
 def ratio_attribute(model) -> str | None:
@@ -47,7 +48,8 @@ def kept_shares(model, loader, device, is_thing=None) -> tuple[float, float]:
         images = images.to(device)
         maps = sparsity_maps(model, images)
         if maps is not None:
-            counts += kept_in_boxes(maps, targets, tuple(images.tensors.shape[-2:]), is_thing)
+            counts += kept_in_boxes(maps["kept"], maps["valid"], maps["shapes"], targets,
+                                    tuple(images.tensors.shape[-2:]), is_thing)
     return (counts[0] / counts[1]).item(), (counts[2] / counts[3]).item()
 
 

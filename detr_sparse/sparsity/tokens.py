@@ -1,6 +1,7 @@
 """The mechanics every token-sparsity method shares (DESIGN.md): choose a number of tokens
 per image, keep the best-scored ones (never padding), gather them out of the dense token
-map, put the computed ones back, and report how many were kept.
+map, put the computed ones back, and report how many were kept, and where (inside the
+ground-truth boxes or not).
 
 A kept set is batched as (B, K) with K the largest count of the batch; `KeptTokens.mask`
 marks the slots that hold a kept token. The other slots point at real tokens too (the next
@@ -76,3 +77,42 @@ def keep_statistics(kept: KeptTokens, padding_mask: Tensor, level_start_index: T
             share = dense[:, a:b].sum(1).float() / valid[:, a:b].sum(1).clamp(min=1)
             stats[f"{prefix}_level{level}"] = share.mean()
     return {k: v.detach() for k, v in stats.items()}
+
+
+def token_centres(shapes: Tensor, padded_size: tuple[int, int]) -> Tensor:
+    """(S, 2) x, y pixel centres of the tokens of maps `shapes` (L, 2) laid level after
+    level, row-major, over a padded batch of `padded_size` (H, W)."""
+    centres = []
+    for h, w in shapes.tolist():
+        ys = (torch.arange(h, device=shapes.device) + 0.5) * padded_size[0] / h
+        xs = (torch.arange(w, device=shapes.device) + 0.5) * padded_size[1] / w
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        centres.append(torch.stack([x.flatten(), y.flatten()], 1))
+    return torch.cat(centres)
+
+
+def kept_in_boxes(kept: Tensor, valid: Tensor, shapes: Tensor, targets: list[dict],
+                  padded_size: tuple[int, int], is_thing=None) -> Tensor:
+    """Does a sparse model keep the tokens of the objects? kept, valid (B, S) bool over maps
+    `shapes` (L, 2) of a batch padded to `padded_size`; targets with absolute xyxy boxes
+    (only the thing classes when is_thing, per label, is given). Counts (4,): [kept inside a
+    box, valid tokens inside, kept outside, valid tokens outside], a token being inside when
+    its centre is."""
+    x, y = token_centres(shapes.to(kept.device), padded_size).unbind(1)
+    counts = kept.new_zeros(4, dtype=torch.float)
+    for kept_i, valid_i, target in zip(kept, valid, targets):
+        boxes = target["boxes"].to(kept.device)
+        if is_thing is not None:
+            boxes = boxes[torch.as_tensor(is_thing, device=kept.device)[target["labels"].to(kept.device)]]
+        inside = ((x[:, None] >= boxes[:, 0]) & (x[:, None] < boxes[:, 2]) &
+                  (y[:, None] >= boxes[:, 1]) & (y[:, None] < boxes[:, 3])).any(1)
+        for i, region in enumerate((inside & valid_i, ~inside & valid_i)):
+            counts[2 * i] += (kept_i & region).sum()
+            counts[2 * i + 1] += region.sum()
+    return counts
+
+
+def box_shares(counts: Tensor, prefix: str) -> dict[str, Tensor]:
+    """`kept_in_boxes` counts -> {prefix_in_boxes, prefix_outside}: the kept shares."""
+    return {f"{prefix}_in_boxes": counts[0] / counts[1].clamp(min=1),
+            f"{prefix}_outside": counts[2] / counts[3].clamp(min=1)}

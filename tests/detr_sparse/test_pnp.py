@@ -105,8 +105,11 @@ def test_training_random_ratio_losses_and_any_ratio_at_inference():
     for _ in range(4):
         out = model(images, targets)
         ratios.add(round(out["poll_ratio"].item(), 3))
-    assert {"loss_poll_score", "loss_ce", "poll_ratio"} <= set(out)
+    assert {"loss_poll_score", "loss_ce", "poll_ratio", "poll_in_boxes", "poll_outside"} <= set(out)
     assert len(ratios) > 1  # a ratio drawn per iteration
+    model.random_ratio, model.poll_ratio = (), 1.0  # every token polled, inside the boxes and out
+    out = model(images, targets)
+    assert out["poll_in_boxes"] == out["poll_outside"] == 1
     model.eval()
     for ratio in (0.25, 1.0):
         model.poll_ratio = ratio

@@ -46,9 +46,11 @@ def test_training_returns_encoder_aux_losses_and_sparsity_statistics(saliency):
     images, targets = _batch()
     out = model(images, targets)
     expected = {"loss_ce_encaux0", "loss_bbox_encaux1", "loss_giou_encaux0", "loss_ce_enc",
-                "keep_ratio", "keep_ratio_level0", "dam_in_kept_level2", "dam_in_kept"}
+                "keep_ratio", "keep_ratio_level0", "dam_in_kept_level2", "dam_in_kept",
+                "keep_in_boxes", "keep_outside"}
     expected |= {"loss_mask"} if saliency == "dam" else {"loss_ce_os", "loss_bbox_os"}
     assert expected <= set(out)
+    assert 0 <= out["keep_in_boxes"] <= 1 and 0 <= out["keep_outside"] <= 1
     assert "loss_ce_encaux2" not in out  # the last encoder layer feeds the decoder instead
     assert all(torch.isfinite(v) for v in out.values())
     sum(v for k, v in out.items() if k.startswith("loss")).backward()

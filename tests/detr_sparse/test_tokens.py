@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from detr_sparse.sparsity.tokens import (gather_tokens, keep_counts, keep_statistics, scatter_tokens,
-                                         select_top)
+from detr_sparse.sparsity.tokens import (box_shares, gather_tokens, keep_counts, keep_statistics,
+                                         kept_in_boxes, scatter_tokens, select_top, token_centres)
 
 
 def _padding():
@@ -62,3 +62,27 @@ def test_keep_statistics_per_level():
     # image 0 keeps 6, 7 (level 0 of 8 tokens) and 8, 9 (level 1 of 2); image 1 keeps 4, 5 of 6
     assert stats["keep_ratio_level0"].item() == pytest.approx((2 / 8 + 2 / 6) / 2)
     assert stats["keep_ratio_level1"].item() == pytest.approx((2 / 2 + 0) / 2)
+
+
+def test_token_centres_follow_each_level_over_the_padded_batch():
+    centres = token_centres(torch.tensor([[2, 2], [1, 2]]), (8, 16))
+    assert centres.tolist() == [[4, 2], [12, 2], [4, 6], [12, 6], [4, 4], [12, 4]]
+
+
+def test_kept_in_boxes_counts_valid_tokens_inside_and_outside_the_thing_boxes():
+    # one 2x2 level over a 8x16 batch: token centres (4, 2) (12, 2) (4, 6) (12, 6)
+    kept = torch.tensor([[True, False, False, True], [True, True, False, False]])
+    valid = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0])},
+               # a thing on the top-left token; the stuff box over everything is left out
+               {"boxes": torch.tensor([[0.0, 0.0, 6.0, 4.0], [0.0, 0.0, 16.0, 8.0]]),
+                "labels": torch.tensor([0, 1])}]
+    shapes = torch.tensor([[2, 2]])
+    counts = kept_in_boxes(kept, valid, shapes, targets, (8, 16), is_thing=[True, False])
+    # image 0: inside tokens 0, 2 (kept 1), outside 1, 3 (kept 1); image 1: inside token 0
+    # (kept), outside the valid token 2 (not kept)
+    assert counts.tolist() == [2, 3, 1, 3]
+    assert kept_in_boxes(kept, valid, shapes, targets, (8, 16)).tolist() == [2, 4, 1, 2]  # stuff counted
+    shares = box_shares(counts, "poll")
+    assert shares["poll_in_boxes"].item() == pytest.approx(2 / 3) and shares["poll_outside"].item() == pytest.approx(1 / 3)
+    assert box_shares(torch.zeros(4), "poll")["poll_in_boxes"] == 0  # no box: 0, not nan

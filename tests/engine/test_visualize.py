@@ -1,6 +1,6 @@
 import torch
 
-from engine.visualize import kept_in_boxes, overlay, side_by_side, sparsity_panels, token_centres, token_heatmap
+from engine.visualize import overlay, side_by_side, sparsity_panels, token_heatmap
 
 # two levels over an 8x8 padded batch: 4x4 tokens (stride 2) then 2x2 (stride 4)
 SHAPES = torch.tensor([[4, 4], [2, 2]])
@@ -90,23 +90,3 @@ def test_trainer_evaluation_logs_sparsity_pictures(tiny_coco, tmp_path):
     prediction = events.Images("val/prediction_0")[-1]
     assert first.height == prediction.height and first.width == 2 * prediction.width + 4
 
-
-def test_token_centres_follow_each_level_over_the_padded_batch():
-    centres = token_centres(torch.tensor([[2, 2], [1, 2]]), (8, 16))
-    assert centres.tolist() == [[4, 2], [12, 2], [4, 6], [12, 6], [4, 4], [12, 4]]
-
-
-def test_kept_in_boxes_counts_valid_tokens_inside_and_outside_the_thing_boxes():
-    # one 2x2 level over a 8x16 batch: token centres (4, 2) (12, 2) (4, 6) (12, 6)
-    maps = {"shapes": torch.tensor([[2, 2]]),
-            "kept": torch.tensor([[True, False, False, True], [True, True, False, False]]),
-            "valid": torch.tensor([[True, True, True, True], [True, False, True, False]])}
-    targets = [{"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]]), "labels": torch.tensor([0])},
-               # a thing on the top-left token; the stuff box over everything is left out
-               {"boxes": torch.tensor([[0.0, 0.0, 6.0, 4.0], [0.0, 0.0, 16.0, 8.0]]),
-                "labels": torch.tensor([0, 1])}]
-    counts = kept_in_boxes(maps, targets, (8, 16), is_thing=[True, False])
-    # image 0: inside tokens 0, 2 (kept 1), outside 1, 3 (kept 1); image 1: inside token 0
-    # (kept), outside the valid token 2 (not kept)
-    assert counts.tolist() == [2, 3, 1, 3]
-    assert kept_in_boxes(maps, targets, (8, 16)).tolist() == [2, 4, 1, 2]  # stuff box counted
