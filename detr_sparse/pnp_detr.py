@@ -66,8 +66,9 @@ class PnPDETR(DETR):
         losses = self.losses(out, images, targets)
         sampled: SampledTokens = out["sampled"]
         losses["loss_poll_score"] = self.score_loss_weight * score_regulariser(sampled)
-        maps = self.token_maps(out)
-        where = kept_in_boxes(maps["kept"], maps["valid"], maps["shapes"], targets,
+        # the polled tokens straight from the sample: token_maps would also build the density map
+        where = kept_in_boxes(sampled.polled.dense(sampled.scores.shape[1]), ~sampled.map_mask,
+                              torch.tensor([sampled.map_shape]), targets,
                               tuple(images.tensors.shape[-2:]), getattr(self, "is_thing", None))
         return {**losses, **keep_statistics(sampled.polled, sampled.map_mask, prefix="poll_ratio"),
                 **box_shares(where, "poll")}
