@@ -4,14 +4,19 @@ from __future__ import annotations
 LEVEL_NAMES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32
 
 
+def check_out_features(out_features) -> None:
+    """ValueError when an output is not one of LEVEL_NAMES."""
+    unknown = set(out_features) - set(LEVEL_NAMES)
+    if unknown:
+        raise ValueError(f"backbone out_features {sorted(unknown)} not in {LEVEL_NAMES}")
+
+
 def check_backbone_args(name: str, known, out_features) -> None:
     """ValueError naming the config key when `name` is not one of `known` or an output is
     not one of LEVEL_NAMES."""
     if name not in known:
         raise ValueError(f"model.backbone.name: '{name}' is not one of {list(known)}")
-    unknown = set(out_features) - set(LEVEL_NAMES)
-    if unknown:
-        raise ValueError(f"backbone out_features {sorted(unknown)} not in {LEVEL_NAMES}")
+    check_out_features(out_features)
 
 
 def checked_freeze_at(freeze_at: int, last: int) -> int:

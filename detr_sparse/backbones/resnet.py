@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .levels import LEVEL_NAMES
+from .levels import LEVEL_NAMES, check_out_features
 
 _STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
@@ -54,9 +54,7 @@ class ResNetBackbone(nn.Module):
         net = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation],
             norm_layer=_norm_layer(norm))
-        unknown = set(out_features) - set(LEVEL_NAMES)
-        if unknown:
-            raise ValueError(f"backbone out_features {sorted(unknown)} not in {LEVEL_NAMES}")
+        check_out_features(out_features)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         last = max(LEVEL_NAMES.index(n) for n in out_features)
         self.stages = nn.ModuleDict({LEVEL_NAMES[i]: getattr(net, _STAGES[i]) for i in range(last + 1)})
