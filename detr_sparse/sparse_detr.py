@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .deformable_detr import DeformableDETR, build_deformable_detr, detection_head
 from .detr import normalized_targets
-from .sparsity.sparse_detr import (ScoringNetwork, attention_map, binarize_top, reference_correlation,
-                                   scoring_loss)
+from .sparsity.sparse_detr import (SCORING_LOSS_NORMS, ScoringNetwork, attention_map, binarize_top,
+                                   reference_correlation, scoring_loss)
 from .sparsity.tokens import (KeptTokens, box_shares, gather_tokens, keep_counts, keep_statistics,
                               kept_in_boxes, scatter_tokens, select_top)
 from .transformers.deformable_transformer import TokenMap, encoder_proposals
@@ -30,14 +30,17 @@ class SparseDETR(DeformableDETR):
     (`model.rho = 0.2`): a model trained at one rho runs at another."""
 
     def __init__(self, *args, rho: float = 0.1, saliency: str = "dam", enc_aux_loss: bool = True,
-                 mask_loss_weight: float = 1.0, **kwargs):
+                 mask_loss_weight: float = 1.0, scoring_loss_norm: str = "image", **kwargs):
         super().__init__(*args, **kwargs)
         if not self.two_stage:
             raise ValueError("model.two_stage: Sparse DETR is built on two-stage Deformable DETR+")
         if saliency not in SALIENCY:
             raise ValueError(f"model.sparse.saliency: '{saliency}' not in {SALIENCY}")
         d, num_classes = self.transformer.d_model, self.class_embed[0].out_features
+        if scoring_loss_norm not in SCORING_LOSS_NORMS:
+            raise ValueError(f"model.sparse.scoring_loss_norm: '{scoring_loss_norm}' not in {SCORING_LOSS_NORMS}")
         self.rho, self.saliency, self.mask_loss_weight = rho, saliency, mask_loss_weight
+        self.scoring_loss_norm = scoring_loss_norm
         if saliency == "dam":
             self.scoring = ScoringNetwork(d)
         else:
@@ -138,7 +141,8 @@ class SparseDETR(DeformableDETR):
         stats.update({f"dam_in_kept_level{i}": c for i, c in enumerate(corr[:-1])})
         stats["dam_in_kept"] = corr[-1]
         if self.saliency == "dam":
-            stats["loss_mask"] = self.mask_loss_weight * scoring_loss(out["token_scores"], target, t.mask)
+            stats["loss_mask"] = self.mask_loss_weight * scoring_loss(out["token_scores"], target, t.mask,
+                                                                      self.scoring_loss_norm)
         return stats
 
 
@@ -148,4 +152,4 @@ def build_sparse_detr(cfg, num_classes: int) -> SparseDETR:
     s = cfg.sparse
     return build_deformable_detr(cfg, num_classes, query_init="memory", model_cls=SparseDETR,
                                  rho=s.rho, saliency=s.saliency, enc_aux_loss=s.enc_aux_loss,
-                                 mask_loss_weight=s.mask_loss_weight)
+                                 mask_loss_weight=s.mask_loss_weight, scoring_loss_norm=s.scoring_loss_norm)

@@ -25,8 +25,10 @@ class BackboneConfig:
     pretrained: str = ""  # path to a local torchvision state dict; "" = random init
     lr: float = 1e-5  # 0 freezes the backbone
     channels_last: bool = True  # ~1.8x faster convolutions on CPU
-    # stages without gradient: 0 none, 1 stem, 2 stem + res2 (DETR), 3 up to res3, ...;
-    # -1: 2 with frozen_bn, 0 with a trainable norm
+    # stages without gradient: 0 none, 1 the stem (ResNet) or patch embedding (Swin, PVT, ViT),
+    # 2 it + res2 (DETR), 3 up to res3, ...; Swin freezes a stage with the patch merging after
+    # it, as the official frozen_stages (2 in Sparse DETR); a ViT has only 0 and 1.
+    # -1: ResNet 2 with frozen_bn, 0 with a trainable norm; the others 0
     freeze_at: int = -1
     drop_path_rate: float = 0.0  # stochastic depth of transformer backbones (Swin)
 
@@ -68,6 +70,9 @@ class SparseConfig:
     saliency: str = "dam"  # dam: decoder cross-attention map | os: objectness score
     enc_aux_loss: bool = True  # detection losses on the kept tokens of every encoder layer but the last
     mask_loss_weight: float = 1.0  # the scoring network's BCE against the binarised DAM
+    # the scoring loss's average: image (the official code: each image's mean over all its
+    # padded token grid, then the mean over images) | token (one mean over the valid tokens)
+    scoring_loss_norm: str = "image"
 
 
 @dataclass

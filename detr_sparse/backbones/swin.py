@@ -28,8 +28,11 @@ class SwinBackbone(nn.Module):
     stage 3, merge, stage 4] cut after the last requested stage, so its weights keep their
     torchvision names. Each output gets its own LayerNorm (as in the official detection Swin);
     torchvision's final `norm` belongs to the classifier and is not built.
-    `freeze_at`: 0 none, 1 the patch embedding, 2 it and res2, 3 up to res3, ...; -1 means 0.
-    A frozen stage includes the patch merging that feeds it and its output LayerNorm.
+    `freeze_at` as the official Swin's `frozen_stages` (Sparse DETR builds Swin-T with 2):
+    0 none (-1 means 0), 1 the patch embedding, 2 it and stage 1 (res2) with the patch
+    merging after it, 3 up to stage 2 (res3) and its merging, ... A stage's merging is frozen
+    with it because the official Swin's stage (BasicLayer) ends with it. The output
+    LayerNorms are new detection layers and always train (the official freezes none of them).
     """
 
     def __init__(self, name: str = "swin_t", out_features: tuple[str, ...] = ("res3", "res4", "res5"),
@@ -56,10 +59,8 @@ class SwinBackbone(nn.Module):
         if pretrained:
             self.load_torchvision_state(pretrained)
         freeze_at = checked_freeze_at(freeze_at, last)
-        # how many features[] entries freeze_at covers: stage 1 has no merge, later ones do
-        frozen = list(self.features[: [0, 1, 2, 4, 6, 8][freeze_at]])
-        frozen += [self.norms[n] for n in LEVEL_NAMES[: max(freeze_at - 1, 0)] if n in self.norms]
-        for p in (p for m in frozen for p in m.parameters()):
+        # features[] = [embed, stage 1, merge, stage 2, merge, ...]: freeze_at k covers 2k - 1
+        for p in self.features[: max(2 * freeze_at - 1, 0)].parameters():
             p.requires_grad_(False)
 
     def load_torchvision_state(self, path: str) -> None:

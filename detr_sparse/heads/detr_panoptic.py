@@ -14,13 +14,17 @@ from torch.nn import functional as F
 
 class AttentionMaps(nn.Module):
     """query (B, Q, C), memory (B, C, H, W), padding mask (B, H, W) True at padding ->
-    attention weights (B, Q, heads, H, W), a softmax over each image's valid positions."""
+    attention weights (B, Q, heads, H, W). As DETR's MHAttentionMap, one softmax per query
+    over heads x valid positions together: the heads share one unit of mass (not one each)."""
 
     def __init__(self, dim: int = 256, hidden: int = 256, heads: int = 8):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, hidden)
         self.k = nn.Linear(dim, hidden)
+        for linear in (self.q, self.k):  # DETR's initialisation
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
         self.scale = (hidden / heads) ** -0.5
 
     def forward(self, query: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
@@ -30,7 +34,7 @@ class AttentionMaps(nn.Module):
         k = self.k(memory.flatten(2).transpose(1, 2)).view(b, h * w, self.heads, -1)
         logits = torch.einsum("bqnc,bpnc->bqnp", q, k)
         logits = logits.masked_fill(mask.flatten(1)[:, None, None, :], float("-inf"))
-        return logits.softmax(-1).view(b, q_len, self.heads, h, w)
+        return logits.flatten(2).softmax(-1).view(b, q_len, self.heads, h, w)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -50,6 +54,10 @@ class MaskHead(nn.Module):
         self.adapters = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(fpn_channels, widths))
         self.blocks = nn.ModuleList(_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.out = nn.Conv2d(widths[-1], 1, 3, padding=1)
+        for m in self.modules():  # DETR's initialisation of the mask head's convolutions
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
 
     def forward(self, features: Tensor, maps: Tensor, fpn: list[Tensor]) -> Tensor:
         b, q = maps.shape[:2]

@@ -9,7 +9,8 @@ top keep-count tokens per image. This module holds those pieces:
 - `ScoringNetwork`: token features (B, S, C) -> saliency logits (B, S).
 - `attention_map`: decoder sampling locations + attention weights -> DAM (B, S).
 - `binarize_top`: DAM -> {0, 1} target with counts[i] ones among image i's valid tokens.
-- `scoring_loss`: BCE between the logits and that target over valid tokens.
+- `scoring_loss`: BCE between the logits and that target, per image over all tokens (the
+  official normalisation) or over the batch's valid tokens.
 - `reference_correlation`: the paper's Corr statistic (share of decoder-referenced tokens
   that the encoder kept), per level and overall.
 
@@ -48,6 +49,11 @@ class ScoringNetwork(nn.Module):
             nn.Linear(hidden, hidden // 2), nn.GELU(),
             nn.Linear(hidden // 2, hidden // 4), nn.GELU(),
             nn.Linear(hidden // 4, 1))
+        # the official code builds it inside the transformer, before the transformer's xavier
+        # reset of every matrix (biases keep PyTorch's default)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         h = F.gelu(self.embed(self.norm(x)))
@@ -146,11 +152,26 @@ def reference_correlation(dam: Tensor, kept: Tensor, padding_mask: Tensor,
     return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)
 
 
-def scoring_loss(logits: Tensor, target: Tensor, padding_mask: Tensor) -> Tensor:
-    """BCE with logits, mean over the batch's valid tokens (padded excluded), unweighted.
-    logits, target (B, S); padding_mask (B, S). Returns a scalar."""
+SCORING_LOSS_NORMS = ("image", "token")
+
+
+def scoring_loss(logits: Tensor, target: Tensor, padding_mask: Tensor, normalization: str = "image") -> Tensor:
+    """BCE with logits of the scoring network against the binarised DAM, unweighted.
+    logits, target (B, S); padding_mask (B, S). Returns a scalar.
+
+    normalization "image" (the official code's `multilabel_soft_margin_loss`): each image's
+    mean over all S tokens of the batch, padded ones included with target 0 and the logit of
+    the batch's lowest valid logit (the official code fills padding with the batch minimum),
+    then the mean over images: an image with more padding weighs its own tokens less.
+    "token": one mean over the batch's valid tokens (padding excluded)."""
+    if normalization not in SCORING_LOSS_NORMS:
+        raise ValueError(f"model.sparse.scoring_loss_norm: '{normalization}' not in {SCORING_LOSS_NORMS}")
     valid = ~padding_mask
     if not bool(valid.any()):
         return logits[valid].sum()  # 0 for an empty selection, still part of the graph
-    # index first: padded logits may be +-inf, which would give NaN in the loss or gradient
-    return F.binary_cross_entropy_with_logits(logits[valid], target[valid].to(logits.dtype))
+    target = target.to(logits.dtype)
+    if normalization == "token":
+        # index first: padded logits may be +-inf, which would give NaN in the loss or gradient
+        return F.binary_cross_entropy_with_logits(logits[valid], target[valid])
+    filled = torch.where(valid, logits, logits[valid].min())
+    return F.multilabel_soft_margin_loss(filled, target.masked_fill(padding_mask, 0.0))

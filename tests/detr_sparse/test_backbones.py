@@ -5,7 +5,8 @@ import torchvision
 from detr_sparse.backbones import build_backbone
 from detr_sparse.backbones.resnet import ResNetBackbone
 from detr_sparse.backbones.swin import SwinBackbone
-from engine.config import BackboneConfig
+from engine.config import BackboneConfig, load_config
+from helpers import REPO
 
 
 @pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
@@ -81,13 +82,20 @@ def test_swin_builds_only_the_requested_stages():
     assert list(backbone.norms) == ["res3"]
 
 
-@pytest.mark.parametrize("freeze_at, frozen", [(0, 0), (-1, 0), (1, 1), (2, 2), (3, 4)])
-def test_swin_freeze_at_stops_gradients_of_the_first_stages(freeze_at, frozen):
+# features: [patch embed, stage 1, merge, stage 2, merge, stage 3]; the official Swin's
+# frozen_stages=2 (Sparse DETR) freezes the embedding, stage 1 and the merge after it
+@pytest.mark.parametrize("freeze_at, frozen", [(0, 0), (-1, 0), (1, 1), (2, 3), (3, 5), (4, 6)])
+def test_swin_freeze_at_stops_gradients_as_the_official_frozen_stages(freeze_at, frozen):
     backbone = SwinBackbone("swin_t", out_features=("res2", "res4"), freeze_at=freeze_at)
     grads = [all(p.requires_grad for p in m.parameters()) for m in backbone.features]
     assert grads == [False] * frozen + [True] * (len(backbone.features) - frozen)
-    assert backbone.norms["res2"].weight.requires_grad == (freeze_at < 2)
-    assert backbone.norms["res4"].weight.requires_grad
+    # the output norms are new detection layers: they train whatever is frozen
+    assert all(p.requires_grad for p in backbone.norms.parameters())
+
+
+def test_swin_configs_freeze_as_the_official_sparse_detr():
+    for name in ("sparse_detr_swin", "deformable_detr_plus_swin"):
+        assert load_config(REPO / f"configs/{name}.yaml").model.backbone.freeze_at == 2
 
 
 def test_swin_freeze_at_beyond_the_built_stages_is_an_error():

@@ -19,10 +19,24 @@ def test_attention_maps_ignore_padding_and_sum_to_one():
     maps = attn(query, memory, mask)
     assert maps.shape == (2, 3, 2, 4, 6)
     assert (maps[1, ..., 4:] == 0).all()
-    torch.testing.assert_close(maps.sum((-2, -1)), torch.ones(2, 3, 2))
+    # DETR's MHAttentionMap: one softmax over heads x H x W, the heads share one unit of mass
+    torch.testing.assert_close(maps.sum((-3, -2, -1)), torch.ones(2, 3))
+    assert (maps.sum((-2, -1)) < 0.999).all()
     # a padded image gives what it gives alone
     alone = attn(query[1:], memory[1:, :, :, :4], mask[1:, :, :4])
     torch.testing.assert_close(alone[0], maps[1, ..., :4])
+
+
+def test_panoptic_head_initialised_as_detr():
+    attn = AttentionMaps(64, 64, heads=8)
+    for linear in (attn.q, attn.k):  # xavier_uniform, zero bias
+        bound = (6 / (64 + 64)) ** 0.5
+        assert 0.9 * bound < linear.weight.abs().max() <= bound and (linear.bias == 0).all()
+    head = MaskHead(dim=64, heads=8, fpn_channels=[24, 12])
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:  # kaiming_uniform with a=1: bound sqrt(3 / fan_in), zero bias
+        bound = (3 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5
+        assert 0.9 * bound < conv.weight.abs().max() <= bound and (conv.bias == 0).all()
 
 
 def test_mask_head_upsamples_through_the_fpn_levels_per_query():

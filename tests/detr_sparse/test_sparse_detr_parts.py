@@ -116,6 +116,14 @@ def test_scoring_network_shapes_padding_invariance_and_global_context():
     torch.testing.assert_close(other[1], out[1])          # images stay independent
 
 
+def test_scoring_network_initialised_as_the_official_transformer_reset():
+    net = ScoringNetwork(d_model=256, hidden=256)
+    for linear in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        # xavier_uniform; PyTorch's default bound 1 / sqrt(fan_in) is lower for these shapes
+        bound = (6 / (linear.in_features + linear.out_features)) ** 0.5
+        assert 0.9 * bound < linear.weight.abs().max() <= bound
+
+
 def test_reference_correlation_per_level_and_overall():
     shapes, starts = _layout([(2, 2), (1, 2), (1, 1)])   # S = 7
     referenced = torch.tensor([[1., 1., 0., 1., 1., 0., 0.],
@@ -142,14 +150,39 @@ def test_scoring_loss_ignores_padding():
     target = (torch.rand(2, 6) > 0.5).float()
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[0, 4:] = True
-    loss = scoring_loss(logits, target, padding)
+    loss = scoring_loss(logits, target, padding, "token")
     valid = ~padding
     expected = F.binary_cross_entropy_with_logits(logits[valid], target[valid])
     torch.testing.assert_close(loss, expected)
     garbage = logits.detach().clone()
     garbage[padding] = torch.tensor([float("inf"), -1e4])
     garbage.requires_grad_(True)
-    again = scoring_loss(garbage, target, padding)
+    again = scoring_loss(garbage, target, padding, "token")
     torch.testing.assert_close(again, loss.detach())
     again.backward()
     assert torch.isfinite(garbage.grad).all() and (garbage.grad[padding] == 0).all()
+
+
+def test_scoring_loss_by_default_averages_each_image_over_its_padded_grid_as_the_official():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6)
+    target = (torch.rand(2, 6) > 0.5).float()
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    target[0, 4:] = 1.0  # whatever the target says at padding, the official code has 0 there
+    # the official: padded logits at the batch minimum, target 0, per-image mean over all S
+    # tokens (multilabel_soft_margin_loss), then the mean over images
+    filled = logits.masked_fill(padding, logits[~padding].min())
+    per_token = F.binary_cross_entropy_with_logits(filled, target.masked_fill(padding, 0.0), reduction="none")
+    expected = per_token.mean(1).mean()
+    torch.testing.assert_close(scoring_loss(logits, target, padding), expected)
+    assert not torch.allclose(scoring_loss(logits, target, padding, "token"), expected)
+    garbage = logits.clone()
+    garbage[padding] = float("nan")
+    garbage.requires_grad_(True)
+    loss = scoring_loss(garbage, target, padding)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert torch.isfinite(garbage.grad).all() and (garbage.grad[padding] == 0).all()
+    with pytest.raises(ValueError, match="scoring_loss_norm"):
+        scoring_loss(logits, target, padding, "pixel")
