@@ -90,4 +90,21 @@ else
         RUN+=(--node-rank "$NODE_RANK")
     fi
 fi
-exec "$PY" -m torch.distributed.run "${RUN[@]}" main.py "$@"
+# torchrun runs as a child so that a run's error (a bad checkpoint, a config key, an output
+# folder in use) can end the console output as one line after torchrun's failure report;
+# signals to launch.sh go on to torchrun, which stops its workers
+DETR_SPARSE_ERROR_FILE="$(mktemp "${TMPDIR:-/tmp}/detr_sparse_error.XXXXXX")"
+export DETR_SPARSE_ERROR_FILE
+"$PY" -m torch.distributed.run "${RUN[@]}" main.py "$@" &
+AGENT=$!
+trap 'kill -TERM "$AGENT" 2>/dev/null' TERM INT HUP
+RC=0
+while true; do
+    wait "$AGENT" && RC=0 || RC=$?
+    kill -0 "$AGENT" 2>/dev/null || break  # wait returned for a signal, not torchrun's end
+done
+if [ "$RC" != 0 ] && [ -s "$DETR_SPARSE_ERROR_FILE" ]; then
+    awk '!seen[$0]++' "$DETR_SPARSE_ERROR_FILE" >&2  # every rank says it: once is enough
+fi
+rm -f "$DETR_SPARSE_ERROR_FILE"
+exit "$RC"

@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 
+from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
-from engine.distributed import cleanup, init_distributed
+from engine.distributed import broadcast_object, cleanup, init_distributed
 from engine.logger import setup_logging
 from engine.memory import reuse_freed_memory
+from engine.run_guard import OutputInUseError, OutputLock, exit_with_agent
 from engine.trainer import Trainer
 
 
@@ -30,19 +32,47 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# errors a user can act on: they end the run with one line naming the file, key or folder
+USER_ERRORS = (ConfigError, CheckpointError, OutputInUseError)
+
+
+def fail(message: str) -> None:
+    """End with one line on stderr; under launch.sh it is also the console's last line."""
+    error_file = os.environ.get("DETR_SPARSE_ERROR_FILE")
+    if error_file:
+        with open(error_file, "a") as f:
+            f.write(message + "\n")
+    sys.exit(message)
+
+
+def lock_output(output_dir: str, dist) -> OutputLock | None:
+    """Training: rank 0 locks output_dir; every rank stops when another live run holds it."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = OutputLock(output_dir)
+        except OutputInUseError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise OutputInUseError(error)
+    return lock
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    exit_with_agent()
     reuse_freed_memory()
     overrides = list(args.opts) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    lock = None
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    dist = init_distributed(cfg.device)
-    log = setup_logging(cfg.output_dir, dist.is_main)
-    log.info("world size %d (%d per node), device %s", dist.world_size,
-             int(os.environ.get("LOCAL_WORLD_SIZE", 1)), dist.device)
-    try:
+        dist = init_distributed(cfg.device)
+        log = setup_logging(cfg.output_dir, dist.is_main)
+        # evaluation writes no checkpoint: it may run beside the training of the same folder
+        lock = None if args.eval else lock_output(cfg.output_dir, dist)
+        log.info("world size %d (%d per node), device %s", dist.world_size,
+                 int(os.environ.get("LOCAL_WORLD_SIZE", 1)), dist.device)
         trainer = Trainer(cfg, dist, eval_only=args.eval)
         if args.resume:
             trainer.resume(args.resume, weights_only=args.eval)
@@ -51,7 +81,11 @@ def main(argv=None) -> dict:
         stats = trainer.evaluate() if args.eval else trainer.train()
         trainer.close()
         return stats
+    except USER_ERRORS as e:
+        fail(f"error: {e}")
     finally:
+        if lock is not None:
+            lock.release()
         cleanup()
 
 

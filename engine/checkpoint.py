@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +72,46 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line naming the file and why."""
+
+
+def _reason(e: BaseException) -> str:
+    """Why torch.load failed, in one short line (its own message spans lines)."""
+    text = str(e)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+) was not", text)
+    if unsafe:
+        return f"holds a pickled {unsafe.group(1)}, which safe (weights_only) loading refuses"
+    found = re.search(r"WeightsUnpickler error: (.+)", text)
+    line = found.group(1) if found else f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0]}"
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return "corrupt (" + (line if len(line) <= 120 else line[:117] + "...") + ")"
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path` (a dict with at least "model"). CheckpointError, one line
+    naming the file and the reason, when it is missing, truncated, corrupt or not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint {path}: not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive: a zip header without the archive's end was cut short
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path}: truncated ({path.stat().st_size} bytes; the "
+                              "zip archive's end is missing: was it copied or written completely?)")
     try:
         # weights_only: checkpoints hold only tensors and plain containers, never pickled code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                           f"{type(e).__name__}: {e}") from e
+        if head != b"PK\x03\x04":
+            raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (no zip archive, "
+                                  "nor a legacy torch file)") from e
+        raise CheckpointError(f"checkpoint {path}: {_reason(e)}") from e
+    if not isinstance(state, dict) or "model" not in state:
+        what = f"keys {sorted(state)[:6]}" if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path}: not a detr_sparse checkpoint (no 'model' entry; {what})")
+    return state
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: str, strict: bool = True):
@@ -88,7 +120,7 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, source: str, stri
     if missing or unexpected:
         msg = f"{source}: missing keys {missing}; unexpected keys {unexpected}"
         if strict:
-            raise RuntimeError(msg)
+            raise CheckpointError(msg)
         log.warning(msg)
 
 
@@ -127,10 +159,10 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
     for path in candidates:
         try:
             return path, load_checkpoint(path)
-        except RuntimeError as e:
+        except CheckpointError as e:
             log.warning("%s; falling back to the previous checkpoint", e)
     if candidates:
-        raise RuntimeError(f"{output_dir}: none of the checkpoints {[p.name for p in candidates]} "
+        raise CheckpointError(f"{output_dir}: none of the checkpoints {[p.name for p in candidates]} "
                            "is readable")
     return None
 

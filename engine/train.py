@@ -5,11 +5,12 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .distributed import reduce_mean
 
@@ -46,10 +47,17 @@ def to_device(images, targets, device):
     return images, targets
 
 
+@contextmanager
 def progress(iterable, desc: str, enabled: bool):
-    # in a log file (CI, SLURM) a redraw every few seconds would flood it
-    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
+    """A progress bar over `iterable` only on a terminal (a log file gets the periodic log
+    lines instead, never bar fragments); while it is drawn, the console's log lines go
+    through tqdm, which writes them above the bar instead of through it."""
+    if not (enabled and sys.stderr.isatty()):
+        yield iterable
+        return
+    with tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=0.5) as bar, \
+            logging_redirect_tqdm([logging.getLogger("detr_sparse")]):
+        yield bar
 
 
 def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainState, run_logger,
@@ -62,42 +70,48 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
     sums: dict[str, float] = {}
     steps = 0
     tic = time.perf_counter()
-    for images, targets in progress(loader, f"epoch {state.epoch}", show_progress):
-        if train_cfg.max_iters and state.iteration >= train_cfg.max_iters:
-            break
-        images, targets = to_device(images, targets, device)
-        with autocast(device, train_cfg.amp):
-            outputs = model(images, targets)
-        loss = sum(v for k, v in outputs.items() if k.startswith("loss"))
-        # one collective gives every rank the same values, so all stop together on a bad loss
-        stats = reduce_mean({**outputs, "loss": loss})
-        if not math.isfinite(stats["loss"]):
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
-            raise NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration "
-                                     f"{state.iteration}: {terms}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if train_cfg.clip_max_norm > 0:
-            scaler.unscale_(optimizer)
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), train_cfg.clip_max_norm))
-        scaler.step(optimizer)
-        scaler.update()
-        state.iteration += 1
-        state.step_in_epoch += 1
-        steps += 1
-        toc = time.perf_counter()
-        stats["iter_time"], tic = toc - tic, toc
-        stats["lr"] = optimizer.param_groups[0]["lr"]
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        if state.iteration % train_cfg.log_every == 0:
-            run_logger.scalars("train", stats, state.iteration, epoch=state.epoch)
-            log.info("epoch %d iter %d loss %.4f (%.2fs/it)", state.epoch, state.iteration,
-                     stats["loss"], stats["iter_time"])
-        if after_step is not None:
-            after_step()
+    with progress(loader, f"epoch {state.epoch}", show_progress) as batches:
+        for images, targets in batches:
+            if train_cfg.max_iters and state.iteration >= train_cfg.max_iters:
+                break
+            stats = _train_step(model, images, targets, optimizer, scaler, train_cfg, state, device)
+            toc = time.perf_counter()
+            stats["iter_time"], tic = toc - tic, toc
+            stats["lr"] = optimizer.param_groups[0]["lr"]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            if state.iteration % train_cfg.log_every == 0:
+                run_logger.scalars("train", stats, state.iteration, epoch=state.epoch)
+                log.info("epoch %d iter %d loss %.4f (%.2fs/it)", state.epoch, state.iteration,
+                         stats["loss"], stats["iter_time"])
+            if after_step is not None:
+                after_step()
     return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def _train_step(model, images, targets, optimizer, scaler, train_cfg, state: TrainState, device) -> dict:
+    """One optimizer step; returns the rank-averaged losses and statistics."""
+    images, targets = to_device(images, targets, device)
+    with autocast(device, train_cfg.amp):
+        outputs = model(images, targets)
+    loss = sum(v for k, v in outputs.items() if k.startswith("loss"))
+    # one collective gives every rank the same values, so all stop together on a bad loss
+    stats = reduce_mean({**outputs, "loss": loss})
+    if not math.isfinite(stats["loss"]):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
+        raise NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration "
+                                 f"{state.iteration}: {terms}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if train_cfg.clip_max_norm > 0:
+        scaler.unscale_(optimizer)
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_max_norm))
+    scaler.step(optimizer)
+    scaler.update()
+    state.iteration += 1
+    state.step_in_epoch += 1
+    return stats
 
 
 @torch.no_grad()
@@ -108,16 +122,17 @@ def evaluate(model, loader, evaluators, device, amp: str = "none", show_progress
     evaluators' summarize() merged (the same on every rank)."""
     evaluators = evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]
     model.eval()
-    for images, targets in progress(loader, "eval", show_progress):
-        images, targets = to_device(images, targets, device)
-        with autocast(device, amp):
-            predictions = model(images)
-        predictions = [{k: _to_cpu(v) for k, v in p.items()} for p in predictions]
-        targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        for evaluator in evaluators:
-            evaluator.update(predictions, targets)
-        if on_batch is not None:
-            on_batch(images, targets, predictions)
+    with progress(loader, "eval", show_progress) as batches:
+        for images, targets in batches:
+            images, targets = to_device(images, targets, device)
+            with autocast(device, amp):
+                predictions = model(images)
+            predictions = [{k: _to_cpu(v) for k, v in p.items()} for p in predictions]
+            targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            for evaluator in evaluators:
+                evaluator.update(predictions, targets)
+            if on_batch is not None:
+                on_batch(images, targets, predictions)
     stats = {}
     for evaluator in evaluators:
         evaluator.gather()

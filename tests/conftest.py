@@ -12,3 +12,18 @@ def tiny_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_coco")
     generate(root, num_train=8, num_val=4, seed=3, min_size=64, max_size=96, max_objects=3)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _reset_run_logging():
+    """setup_logging points the package logger at a run's console and log.txt and stops it
+    propagating; undo that after each test, so the next one's caplog sees its records."""
+    import logging
+
+    yield
+    logger = logging.getLogger("detr_sparse")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
