@@ -47,9 +47,10 @@ class PatchEmbed(nn.Module):
 class SRAttention(nn.Module):
     """Spatial-reduction attention: every token queries keys/values pooled over sr x sr
     tokens by a strided convolution (then LayerNorm), so stage 1 attends to 1/64 of its map.
-    x (B, N, C) on an h x w grid -> (B, N, C). `keep` (N,): tokens inside the image, the
-    others are zeroed before the reduction; `key_mask` (1, 1, 1, N / sr^2): keys with some
-    image inside them."""
+    x (B, N, C) on an h x w grid -> (B, N, C). `keep` (N,) or (B, N): tokens inside the
+    image, the others are zeroed before the reduction; `key_mask` (1 or B, 1, 1, N / sr^2):
+    keys with some image inside them. The queries may be other tokens than the map's
+    (`attend`): DGE queries pooled tokens against the full map's keys."""
 
     def __init__(self, dim: int, heads: int, sr_ratio: int):
         super().__init__()
@@ -59,17 +60,25 @@ class SRAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
-                key_mask: Tensor | None) -> Tensor:
+    def keys_values(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (B, N, C) -> keys, values (B, heads, N / sr^2, C / heads)."""
         b, n, c = x.shape
-        q = self.q(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
         if self.sr_ratio > 1:
             if keep is not None:
-                x = x * keep[:, None]  # as if the map were zero-padded, whatever the amount
+                x = x * keep.unsqueeze(-1)  # as if the map were zero-padded, whatever the amount
             x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2))
-        k, v = self.kv(x).view(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.kv(x).view(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, queries: Tensor, keys_values: tuple[Tensor, Tensor], key_mask: Tensor | None) -> Tensor:
+        """queries (B, Q, C) -> (B, Q, C)."""
+        b, q_len, c = queries.shape
+        q = self.q(queries).view(b, q_len, self.heads, c // self.heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *keys_values, attn_mask=key_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, q_len, c))
+
+    def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                key_mask: Tensor | None) -> Tensor:
+        return self.attend(x, self.keys_values(x, grid, keep), key_mask)
 
 
 class PVTBlock(nn.Module):
@@ -82,10 +91,18 @@ class PVTBlock(nn.Module):
         self.mlp = ChunkedMLP(dim, [dim * mlp_ratio, dim], activation_layer=nn.GELU, inplace=None)
         self.drop_path = StochasticDepth(drop_path, "row")
 
+    def forward_queries(self, queries: Tensor, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                        key_mask: Tensor | None) -> Tensor:
+        """The block's update of queries (B, Q, C) (raw, not normalised) attending to the
+        keys / values of the map x (B, N, C): queries = x is the plain block."""
+        normed = self.norm1(x)
+        q = normed if queries is x else self.norm1(queries)
+        queries = queries + self.drop_path(self.attn.attend(q, self.attn.keys_values(normed, grid, keep), key_mask))
+        return queries + self.drop_path(self.mlp(self.norm2(queries)))
+
     def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
                 key_mask: Tensor | None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), grid, keep, key_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.forward_queries(x, x, grid, keep, key_mask)
 
 
 class PVTStage(nn.Module):

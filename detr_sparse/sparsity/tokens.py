@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -49,6 +50,26 @@ def select_top(scores: Tensor, counts: Tensor, padding_mask: Tensor) -> KeptToke
     # queries then sample neighbouring values, which the deformable attention's reads favour
     order = torch.where(mask, index, index + scores.shape[1]).argsort(dim=1)
     return KeptTokens(index.gather(1, order), mask, counts)
+
+
+def kept_from_mask(mask: Tensor) -> KeptTokens:
+    """The True positions of mask (B, S), each image's in map order, as a KeptTokens padded
+    to the batch's largest count (the padding slots point at unselected positions)."""
+    counts = mask.sum(1)
+    k = int(counts.max()) if mask.numel() else 0
+    # a stable sort of ~mask lists the True positions first, in map order
+    index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    slots = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
+    return KeptTokens(index, slots, counts)
+
+
+def straight_through_gates(logits: Tensor, training: bool, tau: float = 1.0) -> Tensor:
+    """One-hot choices over the last dim of logits (..., K). Training: hard Gumbel-softmax
+    samples whose gradient is the soft sample's (straight-through); otherwise the argmax,
+    without noise. Returns floats of logits' dtype."""
+    if training:
+        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
+    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

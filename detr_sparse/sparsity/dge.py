@@ -1,0 +1,177 @@
+"""DGE, the Dynamic Grained Encoder (Song et al., NeurIPS 2021): what it adds to a
+vision transformer's blocks.
+
+Each block's input map is cut into S x S regions (S = 4 tokens). A router picks, per
+region, one of three granularities: 4 x 4, 2 x 2 or 1 x 1 queries (patches of side 1, 2 or
+4 tokens), each query the average of the raw tokens of its patch. Only the queries run
+through the block (attention with keys / values from the whole normalised map, then the
+MLP); each query's change is copied back over its patch and added to the map:
+
+    q_in = Pool_g(x);  q = q_in + Attn(LN1(q_in), LN1(x));  q = q + MLP(LN2(q))
+    x_out = x + Unpool_g(q - q_in)
+
+With the finest granularity everywhere this is the dense block. Queries never attend to
+each other, so a query's result does not depend on which other queries exist: the training
+form (every granularity computed, the gate's one-hot mixing them) and the inference form
+(only the chosen queries, per image) agree.
+
+- `GrainRouter`: average pool over the regions, Linear(C, 3); the finest starts at p = 0.95.
+- `grain_gates`: straight-through Gumbel one-hots in training, argmax in evaluation, regions
+  wholly in padding set to the coarsest (and counted nowhere).
+- `dge_update`: the block applied to the chosen queries, dense (training) or sparse.
+- `query_counts`, `block_macs`: the differentiable cost the budget loss constrains.
+
+Padding: tokens outside the image are zeroed before pooling (a region across the image
+border averages the image's tokens with zeros), so a region's queries depend only on the
+image, never on how much padding surrounds it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tokens import gather_tokens, kept_from_mask, scatter_tokens, straight_through_gates
+
+REGION = 4  # region side S, in tokens
+SPLITS = (4, 2, 1)  # queries per region side of each option, finest first (16 / 4 / 1 queries)
+GRAIN_NAMES = tuple(f"grain{REGION // n}" for n in SPLITS)  # by patch side: grain1, grain2, grain4
+
+
+class GrainRouter(nn.Module):
+    """x_map (B, H, W, C), H and W multiples of S -> logits (B, H / S, W / S, 3)."""
+
+    def __init__(self, dim: int, p_finest: float = 0.95):
+        super().__init__()
+        self.gate = nn.Linear(dim, len(SPLITS))
+        self.p_finest = p_finest
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: weights trunc_normal(std 0.01), bias [b, -b, -b] with
+        b = ln sqrt(p (K - 1) / (1 - p)), so that softmax gives the finest option p. A model
+        re-initialising every Linear must call this again afterwards."""
+        k = len(SPLITS)
+        b = math.log(math.sqrt(self.p_finest * (k - 1) / (1 - self.p_finest)))
+        nn.init.trunc_normal_(self.gate.weight, std=0.01)
+        with torch.no_grad():
+            self.gate.bias.copy_(torch.tensor([b] + [-b] * (k - 1)))
+
+    def forward(self, x_map: Tensor) -> Tensor:
+        b, h, w, c = x_map.shape
+        pooled = x_map.view(b, h // REGION, REGION, w // REGION, REGION, c).mean((2, 4))
+        return self.gate(pooled)
+
+
+def region_validity(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> Tensor:
+    """(B, H / S, W / S) True at the regions holding at least one image token; token_valid
+    (B or 1, H * W) or None (every token valid)."""
+    h, w = grid
+    if token_valid is None:
+        return torch.ones(batch, h // REGION, w // REGION, dtype=torch.bool, device=device)
+    valid = token_valid.view(-1, h // REGION, REGION, w // REGION, REGION).any(4).any(2)
+    return valid.expand(batch, -1, -1)
+
+
+def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
+    """Options (B, Hr, Wr) long that give each image's valid regions the granularity shares
+    (finest first; regions in raster order take the options in turn): for benchmarks on
+    random weights, whose cost depends on the query count only."""
+    choice = torch.full(valid_regions.shape, len(SPLITS) - 1, dtype=torch.long, device=valid_regions.device)
+    bounds = torch.tensor([sum(shares[:i + 1]) for i in range(len(SPLITS))], device=valid_regions.device)
+    for i, valid in enumerate(valid_regions):
+        rank = valid.flatten().cumsum(0).float() / valid.sum().clamp(min=1)  # (0, 1] over valid regions
+        picked = torch.bucketize(rank, bounds.clamp(max=1.0), right=False).clamp(max=len(SPLITS) - 1)
+        choice[i] = torch.where(valid.flatten(), picked, len(SPLITS) - 1).view(valid.shape)
+    return choice
+
+
+def grain_gates(logits: Tensor, valid_regions: Tensor, training: bool,
+                forced: tuple[float, ...] | None = None) -> Tensor:
+    """One-hot gates (B, Hr, Wr, 3): straight-through Gumbel samples in training, the argmax
+    otherwise, `forced` shares when given; regions wholly in padding get the coarsest option
+    (a constant, no gradient)."""
+    if forced is not None:
+        gates = F.one_hot(forced_choice(valid_regions, forced), len(SPLITS)).to(logits.dtype)
+    else:
+        gates = straight_through_gates(logits, training)
+    coarsest = F.one_hot(torch.tensor(len(SPLITS) - 1, device=logits.device), len(SPLITS)).to(gates.dtype)
+    return torch.where(valid_regions[..., None], gates, coarsest)
+
+
+def query_counts(gates: Tensor, valid_regions: Tensor) -> Tensor:
+    """Queries per image (B,), differentiable through the straight-through gates: the sum
+    over the valid regions of the chosen option's query count (16 / 4 / 1)."""
+    per_option = torch.tensor([n * n for n in SPLITS], dtype=gates.dtype, device=gates.device)
+    return ((gates * per_option).sum(-1) * valid_regions).flatten(1).sum(1)
+
+
+def _pool(x_map: Tensor, side: int) -> Tensor:
+    """(B, H, W, C) -> (B, H / side, W / side, C): the mean of each side x side patch."""
+    if side == 1:
+        return x_map
+    b, h, w, c = x_map.shape
+    return x_map.view(b, h // side, side, w // side, side, c).mean((2, 4))
+
+
+def _unpool(x_map: Tensor, side: int) -> Tensor:
+    """(B, h, w, C) -> (B, h * side, w * side, C): each value over its side x side patch."""
+    if side == 1:
+        return x_map
+    b, h, w, c = x_map.shape
+    return x_map[:, :, None, :, None].expand(b, h, side, w, side, c).reshape(b, h * side, w * side, c)
+
+
+def _per_query(region_values: Tensor, n: int) -> Tensor:
+    """(B, Hr, Wr, ...) -> (B, Hr * n, Wr * n, ...): each region's value at its n x n queries."""
+    return region_values.repeat_interleave(n, 1).repeat_interleave(n, 2)
+
+
+def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
+               valid_regions: Tensor, token_valid: Tensor | None, sparse: bool) -> Tensor:
+    """x (B, N, C) on the grid (H, W) (multiples of S) -> (B, N, C): the DGE block.
+
+    `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's update of raw queries
+    against the keys / values of x. Dense form (training): every option's queries go
+    through the block (1.3125 N per image, one call, so stochastic depth drops a whole
+    sample) and the one-hot gates mix their changes, which gives the gates their gradient.
+    Sparse form (inference): each image computes only the queries of its chosen options,
+    padded to the batch's largest count, and their changes are put back. Both give the same
+    map at the image tokens for the same gates; regions wholly in padding compute nothing in
+    the sparse form."""
+    b, n, c = x.shape
+    h, w = grid
+    src = x if token_valid is None else x * token_valid.unsqueeze(-1)
+    pooled = [_pool(src.view(b, h, w, c), REGION // s) for s in SPLITS]
+    shapes = [p.shape[1:3] for p in pooled]
+    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = N (1 + 1/4 + 1/16)
+    if sparse:
+        choice = gates.argmax(-1)
+        chosen = torch.cat([_per_query((choice == k) & valid_regions, s).flatten(1)
+                            for k, s in enumerate(SPLITS)], 1)
+        kept = kept_from_mask(chosen)
+        queries = gather_tokens(flat, kept.index)
+        changes = scatter_tokens(torch.zeros_like(flat), kept, block(queries) - queries)
+    else:
+        changes = block(flat) - flat
+    update = x.new_zeros(b, h, w, c)
+    for k, (part, shape, s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
+        part = part.view(b, *shape, c)
+        if not sparse:
+            part = part * _per_query(gates[..., k], s).unsqueeze(-1)
+        update = update + _unpool(part, REGION // s)
+    return x + update.flatten(1, 2)
+
+
+def block_macs(queries: Tensor, tokens: float, dim: int, hidden: int, sr_ratio: int = 1) -> Tensor:
+    """Multiply-adds of one (DGE) transformer block with `queries` queries over a map of
+    `tokens` tokens, counting what the FLOP counter counts (matrix products, convolutions):
+    spatial reduction (an sr x sr convolution, when sr > 1) and key / value projections on
+    the map, then per query its projection, attention over tokens / sr^2 keys (QK^T and AV,
+    the latter left out of the official PVT formula), output projection and MLP."""
+    keys = tokens / sr_ratio ** 2
+    static = (tokens * dim * dim if sr_ratio > 1 else 0.0) + keys * 2 * dim * dim
+    return static + queries * (2 * dim * dim + 2 * keys * dim + 2 * dim * hidden)

@@ -1,0 +1,121 @@
+"""DGE's parts on one PVT block: router start, dense parity, training form = inference
+form, padding, the query count's gradient and the MAC count against the FLOP counter."""
+import pytest
+import torch
+
+from detr_sparse.backbones.pvt import PVTBlock
+from detr_sparse.sparsity.dge import (REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
+                                      query_counts, region_validity)
+from engine.benchmark import count_flops
+
+GRID = (8, 12)  # 2 x 3 regions
+
+
+def _block(sr: int = 2) -> PVTBlock:
+    torch.manual_seed(0)
+    return PVTBlock(32, heads=2, mlp_ratio=4, sr_ratio=sr, drop_path=0.0).eval()
+
+
+def _run(block, x, gates, valid_regions, token_valid=None, sparse=False, keep=None, key_mask=None):
+    return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask), x, GRID, gates,
+                      valid_regions, token_valid, sparse)
+
+
+def _gates(choice: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(choice, len(SPLITS)).float()
+
+
+def test_router_starts_at_the_finest_granularity_with_p_095():
+    torch.manual_seed(0)
+    router = GrainRouter(64)
+    probs = router(torch.randn(2, 8, 12, 64)).softmax(-1)
+    assert probs.shape == (2, 2, 3, 3)
+    torch.testing.assert_close(probs[..., 0].mean(), torch.tensor(0.95), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("sr", [1, 2])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_finest_granularity_everywhere_is_the_dense_block(sr, sparse):
+    block = _block(sr)
+    x = torch.randn(2, GRID[0] * GRID[1], 32)
+    valid = region_validity(None, GRID, 2, x.device)
+    gates = _gates(torch.zeros(2, 2, 3, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(_run(block, x, gates, valid, sparse=sparse), block(x, GRID, None, None),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_training_form_equals_inference_form_for_the_same_gates():
+    block = _block()
+    torch.manual_seed(1)
+    x = torch.randn(2, GRID[0] * GRID[1], 32)
+    valid = region_validity(None, GRID, 2, x.device)
+    gates = _gates(torch.randint(0, 3, (2, 2, 3)))
+    assert gates[..., 2].any() and gates[..., 0].any()
+    with torch.no_grad():
+        dense, sparse = _run(block, x, gates, valid), _run(block, x, gates, valid, sparse=True)
+    torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-5)
+    # a coarse region's tokens all moved by the same change
+    region = torch.nonzero(gates[0, ..., 2])[0]
+    rows = slice(region[0] * REGION, (region[0] + 1) * REGION)
+    cols = slice(region[1] * REGION, (region[1] + 1) * REGION)
+    change = (sparse - x)[0].view(*GRID, 32)[rows, cols].reshape(-1, 32)
+    torch.testing.assert_close(change, change[:1].expand_as(change))
+
+
+def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_the_image():
+    block = _block()
+    torch.manual_seed(2)
+    x = torch.randn(2, GRID[0] * GRID[1], 32)
+    # image 1 holds the top-left 5 x 6 tokens: 2 x 2 of its regions, 2 of them across the border
+    token_valid = torch.ones(2, *GRID, dtype=torch.bool)
+    token_valid[1, 5:], token_valid[1, :, 6:] = False, False
+    token_valid = token_valid.flatten(1)
+    valid = region_validity(token_valid, GRID, 2, x.device)
+    assert valid[1].tolist() == [[True, True, False], [True, True, False]]
+    gates = grain_gates(torch.zeros(2, 2, 3, 3), valid, training=False)  # argmax: the finest
+    seen = []
+
+    def block_fn(q):
+        seen.append(q.shape[1])
+        return block.forward_queries(q, x, GRID, token_valid, None)
+
+    with torch.no_grad():
+        out = dge_update(block_fn, x, GRID, gates, valid, token_valid, sparse=True)
+        # padding with other content gives the same image tokens
+        noisy = torch.where(token_valid[..., None], x, 100 * torch.randn_like(x))
+        again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None), noisy, GRID,
+                           gates, valid, token_valid, sparse=True)
+    assert seen == [96]  # image 0: 6 regions x 16; image 1: 4 x 16 (padded to 96)
+    assert query_counts(gates, valid).tolist() == [96, 64]
+    inside = token_valid[1]
+    torch.testing.assert_close(again[1][inside], out[1][inside])
+
+
+def test_query_count_gradient_reaches_the_router_through_the_straight_through_gates():
+    torch.manual_seed(0)
+    router = GrainRouter(32)
+    x_map = torch.randn(2, *GRID, 32)
+    valid = region_validity(None, GRID, 2, x_map.device)
+    gates = grain_gates(router(x_map), valid, training=True)
+    assert ((gates == 0) | (gates == 1)).all() and (gates.sum(-1) == 1).all()
+    query_counts(gates, valid).sum().backward()
+    assert router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sr", [1, 2])
+def test_block_macs_are_what_the_flop_counter_counts_on_the_sparse_form(sr):
+    block = _block(sr)
+    x = torch.randn(1, GRID[0] * GRID[1], 32)
+    valid = region_validity(None, GRID, 1, x.device)
+    gates = _gates(torch.tensor([[[0, 1, 2], [2, 2, 1]]]))
+    queries = query_counts(gates, valid)
+    assert queries.item() == 16 + 4 + 1 + 1 + 1 + 4
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, inputs):
+            return _run(block, inputs, gates, valid, sparse=True)
+
+    counted = count_flops(Wrapped(), x).total * 1e9
+    expected = block_macs(queries, GRID[0] * GRID[1], 32, 128, sr).item()
+    assert abs(counted - expected) / expected < 1e-3, (counted, expected)
