@@ -38,15 +38,18 @@ from .backbones.vit import ViTBackbone
 from .image_batch import ImageBatch
 
 
-def backbone_features(backbone: nn.Module, x: Tensor, targets: list[dict] | None = None
+def backbone_features(backbone: nn.Module, x: Tensor, targets: list[dict] | None = None,
+                      sizes: list[tuple[int, int]] | None = None
                       ) -> tuple["OrderedDict[str, Tensor]", dict[str, Tensor]]:
     """x (B, 3, H, W) -> (named maps (B, C_i, H/s_i, W/s_i), extra outputs). With targets
     (training) a backbone that has `forward_with_losses(x, targets)` runs through it, and its
     losses ("loss*" keys, summed by the engine) and statistics (other keys, logged) are the
-    extras; otherwise its plain forward, with no extras."""
+    extras; otherwise its plain forward, with no extras. A backbone that `takes_sizes` also
+    gets each image's (h, w) in the padded batch (its sparse computation skips padding)."""
+    kwargs = {"sizes": sizes} if getattr(backbone, "takes_sizes", False) else {}
     if targets is not None and hasattr(backbone, "forward_with_losses"):
-        return backbone.forward_with_losses(x, targets)
-    return backbone(x), {}
+        return backbone.forward_with_losses(x, targets, **kwargs)
+    return backbone(x, **kwargs), {}
 
 
 class PyramidNeck(nn.Module):
@@ -136,8 +139,9 @@ class MaskRCNN(nn.Module):
         x = images.tensors
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % self.size_divisibility, 0, -h % self.size_divisibility))
-        maps, extra = backbone_features(self.backbone, x, targets if self.training else None)
-        image_list = ImageList(x, [tuple(s) for s in images.sizes.tolist()])
+        sizes = [tuple(s) for s in images.sizes.tolist()]
+        maps, extra = backbone_features(self.backbone, x, targets if self.training else None, sizes)
+        image_list = ImageList(x, sizes)
         return image_list, self.neck(maps), extra
 
     def instance_targets(self, targets: list[dict]) -> list[dict]:

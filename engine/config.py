@@ -16,6 +16,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DGEConfig:
+    """The dynamic grained encoder backbones (name *_dge)."""
+    budget: float = 0.5  # gamma: the target cost share of the dense backbone
+    budget_weight: float = 1.0  # lambda of the budget loss (beta - gamma)^2
+    budget_scope: str = "backbone"  # backbone (patch embeddings + blocks) | dge_layers (blocks only)
+    sparse_train: bool = False  # train on the chosen queries only, not the exact dense form
+
+
+@dataclass
 class BackboneConfig:
     name: str = "resnet50"
     # frozen_bn for ImageNet-pretrained weights (DETR); bn / gn when training from scratch
@@ -31,6 +40,7 @@ class BackboneConfig:
     # -1: ResNet 2 with frozen_bn, 0 with a trainable norm; the others 0
     freeze_at: int = -1
     drop_path_rate: float = 0.0  # stochastic depth of transformer backbones (Swin)
+    dge: DGEConfig = field(default_factory=DGEConfig)
 
 
 @dataclass

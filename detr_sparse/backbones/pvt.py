@@ -20,14 +20,20 @@ _DIMS, _HEADS, _MLP_RATIOS = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4]
 _SR_RATIOS, _PATCH = [8, 4, 2, 1], [4, 2, 2, 2]
 
 
-def _valid_tokens(grid: tuple[int, int], valid: tuple[int, int], device) -> Tensor | None:
-    """(h*w,) True on the tokens of the top-left valid[0] x valid[1] corner of an h x w
-    grid; None when the whole grid is valid."""
-    if tuple(grid) == tuple(valid):
+def _valid_tokens(grid: tuple[int, int], valid: list[tuple[int, int]], device) -> Tensor | None:
+    """(B, h*w) True on the tokens of each image's top-left valid[i] corner of an h x w grid;
+    None when the whole grid is valid for every image."""
+    if all(tuple(v) == tuple(grid) for v in valid):
         return None
-    rows = torch.arange(grid[0], device=device) < valid[0]
-    cols = torch.arange(grid[1], device=device) < valid[1]
-    return (rows[:, None] & cols[None, :]).flatten()
+    sizes = torch.tensor(valid, device=device)
+    rows = torch.arange(grid[0], device=device)[None, :] < sizes[:, :1]
+    cols = torch.arange(grid[1], device=device)[None, :] < sizes[:, 1:]
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1)
+
+
+def _cover(valid: list[tuple[int, int]], stride: int) -> list[tuple[int, int]]:
+    """Each image's (h, w) in tokens of `stride` (a partly covered token counts)."""
+    return [(-(-h // stride), -(-w // stride)) for h, w in valid]
 
 
 class PatchEmbed(nn.Module):
@@ -117,19 +123,34 @@ class PVTStage(nn.Module):
         self.blocks = nn.ModuleList(PVTBlock(dim, _HEADS[index], _MLP_RATIOS[index], self.sr_ratio, p)
                                     for p in drop_paths)
 
-    def forward(self, x: Tensor, valid: tuple[int, int]) -> tuple[Tensor, tuple[int, int], Tensor | None]:
-        """x (B, C, H, W), zero outside its top-left valid area -> tokens (B, h*w, C'), the
-        grid (h, w), and the (h*w,) mask of the valid[0] x valid[1] tokens (None: all)."""
+    def embed(self, x: Tensor, valid: list[tuple[int, int]]
+              ) -> tuple[Tensor, tuple[int, int], Tensor | None, Tensor | None]:
+        """x (B, C, H, W), zero outside each image's top-left valid area -> tokens (B, h*w,
+        C') with position embeddings, the grid (h, w), the (B, h*w) mask of each image's
+        valid[i] tokens and the (B, 1, 1, keys) mask of the keys with some image in them
+        (None: all)."""
         tokens, grid = self.patch_embed(x)
-        # resized to the valid grid, not the padded one, so padding does not shift it
-        pos = resize_pos_embed(self.pos_embed, valid, mode="bilinear").view(1, *valid, -1)
-        pos = F.pad(pos, (0, 0, 0, grid[1] - valid[1], 0, grid[0] - valid[0])).flatten(1, 2)
+        tokens = tokens + self.position_embedding(grid, valid)
         keep = _valid_tokens(grid, valid, x.device)
         sr = self.sr_ratio
-        key_mask = _valid_tokens((grid[0] // sr, grid[1] // sr),
-                                 (-(-valid[0] // sr), -(-valid[1] // sr)), x.device)
-        key_mask = None if key_mask is None else key_mask.view(1, 1, 1, -1)
-        tokens = tokens + pos
+        key_mask = _valid_tokens((grid[0] // sr, grid[1] // sr), _cover(valid, sr), x.device)
+        return tokens, grid, keep, None if key_mask is None else key_mask[:, None, None, :]
+
+    def position_embedding(self, grid: tuple[int, int], valid: list[tuple[int, int]]) -> Tensor:
+        """(1 or B, h*w, C): resized to each image's valid grid, not the padded one, so that
+        padding does not shift it; zero outside."""
+        out = []
+        for size in dict.fromkeys(tuple(v) for v in valid):
+            pos = resize_pos_embed(self.pos_embed, size, mode="bilinear").view(1, *size, -1)
+            out.append(F.pad(pos, (0, 0, 0, grid[1] - size[1], 0, grid[0] - size[0])).flatten(1, 2))
+        if len(out) == 1:
+            return out[0]
+        index = {size: i for i, size in enumerate(dict.fromkeys(tuple(v) for v in valid))}
+        return torch.cat(out)[[index[tuple(v)] for v in valid]]
+
+    def forward(self, x: Tensor, valid: list[tuple[int, int]]) -> tuple[Tensor, tuple[int, int], Tensor | None]:
+        """-> tokens (B, h*w, C'), the grid (h, w), each image's valid-token mask or None."""
+        tokens, grid, keep, key_mask = self.embed(x, valid)
         for block in self.blocks:
             tokens = block(tokens, grid, keep, key_mask)
         return tokens, grid, keep
@@ -145,7 +166,8 @@ class PVTBackbone(nn.Module):
     zeros (before the next patch embedding and before the key/value reduction), never
     attends to keys made of padding only, and resizes its position embedding to the valid
     ceil(H / s) x ceil(W / s) grid. Outputs are cropped to that grid. Padding the caller
-    adds (a batch of mixed sizes) is image content to the backbone, as for any backbone.
+    adds (a batch of mixed sizes) is handled the same way when `sizes` names each image's
+    size; without it, it is image content, as for any backbone.
     Each output has its own LayerNorm (as Swin's); classification's class token and final
     norm are not built. `freeze_at`: 0 none, 1 the first patch embedding, 2 it and res2,
     3 up to res3, ...; -1 means 0.
@@ -211,18 +233,26 @@ class PVTBackbone(nn.Module):
     def output_shape(self) -> dict[str, dict[str, int]]:
         return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def run_stage(self, stage: PVTStage, x: Tensor, valid: list[tuple[int, int]]):
+        return stage(x, valid)
+
+    def forward(self, x: Tensor, sizes: list[tuple[int, int]] | None = None) -> "OrderedDict[str, Tensor]":
+        """x (B, 3, H, W); sizes: each image's (h, w) inside x (a padded batch), or None when
+        every image fills x. Inside each image the maps do not depend on the padding."""
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
+        inside = _valid_tokens((h, w), sizes, x.device)
+        if inside is not None:  # the patch embedding must see zeros beyond each image
+            x = x * inside.view(b, 1, h, w)
         x = F.pad(x, (0, -w % self.pad_multiple, 0, -h % self.pad_multiple))
         out = OrderedDict()
         for name, stage in zip(LEVEL_NAMES, self.stages):
             stride = 4 * 2 ** LEVEL_NAMES.index(name)
-            valid = (-(-h // stride), -(-w // stride))
-            tokens, grid, keep = stage(x, valid)
+            tokens, grid, keep = self.run_stage(stage, x, _cover(sizes, stride))
             if name in self.norms:
-                out[name] = (self.norms[name](tokens).view(b, *grid, -1)[:, :valid[0], :valid[1]]
+                out[name] = (self.norms[name](tokens).view(b, *grid, -1)[:, :-(-h // stride), :-(-w // stride)]
                              .permute(0, 3, 1, 2).contiguous())
             if keep is not None:  # the next patch embedding then sees zero padding
-                tokens = tokens * keep[:, None]
+                tokens = tokens * keep.unsqueeze(-1)
             x = tokens.transpose(1, 2).reshape(b, -1, *grid)
         return out

@@ -138,8 +138,10 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     against the keys / values of x. Dense form (training): every option's queries go
     through the block (1.3125 N per image, one call, so stochastic depth drops a whole
     sample) and the one-hot gates mix their changes, which gives the gates their gradient.
-    Sparse form (inference): each image computes only the queries of its chosen options,
-    padded to the batch's largest count, and their changes are put back. Both give the same
+    Sparse form (inference, optionally training): each image computes only the queries of
+    its chosen options, padded to the batch's largest count, and their changes, times the
+    chosen gate (1, with the straight-through gradient of the chosen option only, as the
+    paper's Eq. 6), are put back. Both give the same
     map at the image tokens for the same gates; regions wholly in padding compute nothing in
     the sparse form."""
     b, n, c = x.shape
@@ -154,7 +156,10 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
                             for k, s in enumerate(SPLITS)], 1)
         kept = kept_from_mask(chosen)
         queries = gather_tokens(flat, kept.index)
-        changes = scatter_tokens(torch.zeros_like(flat), kept, block(queries) - queries)
+        # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
+        gate = gather_tokens(torch.cat([_per_query(gates[..., k], s).flatten(1) for k, s in enumerate(SPLITS)], 1),
+                             kept.index)
+        changes = scatter_tokens(torch.zeros_like(flat), kept, (block(queries) - queries) * gate.unsqueeze(-1))
     else:
         changes = block(flat) - flat
     update = x.new_zeros(b, h, w, c)

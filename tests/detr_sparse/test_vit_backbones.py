@@ -147,6 +147,22 @@ def test_pretrained_weights_missing_or_unexpected_are_named(tmp_path):
         tiny_pvt(pretrained=str(tmp_path / "nothere.pth"))
 
 
+def test_pvt_padded_batch_with_sizes_equals_each_image_alone():
+    torch.manual_seed(0)
+    backbone = tiny_pvt().eval()
+    images = [torch.randn(3, 75, 101), torch.randn(3, 130, 70)]
+    batch = torch.full((2, 3, 130, 101), 5.0)  # whatever the padding holds
+    for i, image in enumerate(images):
+        batch[i, :, :image.shape[1], :image.shape[2]] = image
+    with torch.no_grad():
+        together = backbone(batch, sizes=[tuple(i.shape[1:]) for i in images])
+        for i, image in enumerate(images):
+            alone = backbone(image[None])
+            for name, stride in backbone.strides.items():
+                h, w = -(-image.shape[1] // stride), -(-image.shape[2] // stride)
+                torch.testing.assert_close(together[name][i, :, :h, :w], alone[name][0], atol=1e-5, rtol=1e-4)
+
+
 def test_pvt_loads_official_weights(tmp_path):
     source = tiny_pvt().eval()
     official = {"cls_token": torch.zeros(1, 1, 512), "head.weight": torch.zeros(1000, 512)}

@@ -1,0 +1,137 @@
+"""The DGE PVT backbone: dense parity, training form = inference form, padding, the budget
+loss and its MACs against the FLOP counter."""
+import math
+
+import pytest
+import torch
+
+from detr_sparse.backbones import build_backbone
+from detr_sparse.backbones.dge import DGEPVTBackbone
+from detr_sparse.backbones.pvt import PVTBackbone
+from engine.benchmark import count_flops
+from engine.config import BackboneConfig
+
+
+def _pair():
+    torch.manual_seed(0)
+    dge = DGEPVTBackbone("pvt_t_dge", drop_path_rate=0.0).eval()
+    dense = PVTBackbone("pvt_t", drop_path_rate=0.0).eval()
+    dense.load_state_dict({k: v for k, v in dge.state_dict().items() if ".router." not in k})
+    return dge, dense
+
+
+def _close(a, b, atol=1e-5):
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4)
+
+
+def test_routers_start_at_the_finest_granularity():
+    dge, _ = _pair()
+    bias = dge.stages[2].blocks[1].router.gate.bias
+    p = bias.softmax(0)[0].item()
+    assert abs(p - 0.95) < 1e-6 and dge.stages[0].blocks[0].router.gate.weight.std() < 0.02
+
+
+@pytest.mark.parametrize("size", [(75, 101), (128, 256)])
+def test_finest_granularity_everywhere_equals_the_dense_backbone(size):
+    dge, dense = _pair()
+    dge.forced = (1.0, 0.0, 0.0)
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        _close(dge(images), dense(images))
+
+
+def test_training_form_equals_inference_form_for_the_same_gates():
+    dge, _ = _pair()
+    dge.forced = (0.4, 0.35, 0.25)
+    images = torch.randn(2, 3, 130, 200)
+    with torch.no_grad():
+        inference = dge(images)
+        dge.train()
+        training = dge(images)
+    _close(training, inference, atol=1e-4)
+    assert dge.cost_shares()["dge_grain1"] == pytest.approx(0.4, abs=0.05)
+
+
+def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing():
+    dge, _ = _pair()
+    for stage in dge.stages:  # routers that choose by content: every granularity occurs
+        for block in stage.blocks:
+            block.router.gate.bias.data.zero_()
+            block.router.gate.weight.data.normal_(std=1.0)
+    images = [torch.randn(3, 75, 101), torch.randn(3, 140, 60)]
+    batch = torch.full((2, 3, 140, 101), 3.0)
+    for i, image in enumerate(images):
+        batch[i, :, :image.shape[1], :image.shape[2]] = image
+    with torch.no_grad():
+        together = dge(batch, sizes=[tuple(i.shape[1:]) for i in images])
+        shares = dge.cost_shares()
+        choices = dge.choices
+        assert min(shares[k] for k in ("dge_grain1", "dge_grain2", "dge_grain4")) > 0.05
+        alone = [dge(image[None]) for image in images]
+    for i, (image, single) in enumerate(zip(images, alone)):
+        for name, stride in dge.strides.items():
+            h, w = -(-image.shape[1] // stride), -(-image.shape[2] // stride)
+            torch.testing.assert_close(together[name][i, :, :h, :w], single[name][0], atol=1e-4, rtol=1e-4)
+    # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 16 x 8
+    # regions (padded to 256 x 128 px); the others are wholly padding, chosen by nobody
+    first = choices[0][1]
+    assert first.shape == (16, 8) and (first[:9, :4] >= 0).all()
+    assert (first == -1).sum() == 16 * 8 - 9 * 4
+
+
+def test_budget_macs_agree_with_the_flop_counter_on_the_inference_path():
+    dge, _ = _pair()
+    dge.forced = (0.3, 0.3, 0.4)
+    images = torch.randn(1, 3, 256, 384)  # a multiple of 128: no padding
+    counted = count_flops(dge, images).total * 1e9
+    with torch.no_grad():
+        dge(images)
+    costs = dge.costs
+    budget_macs = sum(c["static"] + c["dynamic"] for c in costs).item()
+    assert abs(budget_macs - counted) / counted < 0.02, (budget_macs, counted)
+    shares = dge.cost_shares()
+    assert 0.2 < shares["dge_beta"].item() < 0.8
+
+
+def test_evaluation_is_deterministic_and_the_budget_loss_trains_the_routers():
+    dge, _ = _pair()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = dge(images), dge(images)
+    _close(a, b, atol=0)
+    dge.train()
+    maps, stats = dge.forward_with_losses(images, [{}, {}])
+    # at the start nearly everything is finest: beta near 1, far above the 0.5 budget
+    assert stats["dge_beta"] > 0.8 and stats["loss_budget"] > 0.05
+    assert stats["loss_budget"].item() == pytest.approx((stats["dge_beta"].item() - 0.5) ** 2, rel=1e-4)
+    stats["loss_budget"].backward()
+    assert dge.stages[0].blocks[0].router.gate.weight.grad.abs().sum() > 0
+
+
+def test_a_training_step_lowers_the_loss():
+    dge, _ = _pair()
+    dge.train()
+    images = torch.randn(2, 3, 128, 128)
+    optimizer = torch.optim.SGD(dge.parameters(), lr=0.05)
+
+    def loss():
+        torch.manual_seed(7)  # the same Gumbel samples both times
+        maps, stats = dge.forward_with_losses(images, [{}, {}])
+        return stats["loss_budget"] + sum(m.square().mean() for m in maps.values())
+
+    first = loss()
+    first.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert loss() < first
+
+
+def test_build_backbone_builds_dge_with_its_settings():
+    cfg = BackboneConfig(name="pvt_t_dge")
+    cfg.dge.budget, cfg.dge.budget_scope = 0.4, "dge_layers"
+    backbone = build_backbone(cfg, ("res3", "res4"))
+    assert isinstance(backbone, DGEPVTBackbone) and backbone.budget == 0.4
+    assert math.isclose(backbone.pad_multiple, 128)
+    with pytest.raises(ValueError, match="budget_scope"):
+        DGEPVTBackbone("pvt_t_dge", budget_scope="layers")
