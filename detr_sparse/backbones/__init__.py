@@ -1,6 +1,6 @@
 """Backbones: each returns an ordered dict of named NCHW maps and states, for each name,
 its channels and stride (`output_shape()`)."""
-from .dge import DGEPVTBackbone
+from .dge import DGEPVTBackbone, DGEViTBackbone
 from .resnet import ResNetBackbone
 from .pvt import PVTBackbone
 from .swin import SwinBackbone
@@ -22,11 +22,15 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
         # as for swin: norm and channels_last are ignored, dilation is refused
         if cfg.dilation:
             raise ValueError(f"model.backbone.dilation: not supported by {cfg.name}")
-        if cfg.name.startswith("pvt") and cfg.name.endswith("_dge"):
+        if cfg.name.endswith("_dge"):
             d = cfg.dge
-            return DGEPVTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, cfg.freeze_at,
-                                  budget=d.budget, budget_weight=d.budget_weight, budget_scope=d.budget_scope,
-                                  sparse_train=d.sparse_train)
+            dge = {"budget": d.budget, "budget_weight": d.budget_weight, "budget_scope": d.budget_scope,
+                   "sparse_train": d.sparse_train}
+            if cfg.name.startswith("pvt"):
+                return DGEPVTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, cfg.freeze_at,
+                                      **dge)
+            return DGEViTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
+                                  freeze_at=cfg.freeze_at, **dge)
         if cfg.name.startswith("pvt"):
             return PVTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
                                cfg.freeze_at)

@@ -1,31 +1,32 @@
-"""DGE backbones: PVT v1 whose every block is a dynamic grained encoder block
-(detr_sparse.sparsity.dge), with the budget loss that holds its cost near a target share of
-the dense backbone's.
+"""DGE backbones: PVT v1 and DeiT whose every block is a dynamic grained encoder block
+(detr_sparse.sparsity.dge), with the budget loss that holds their cost near a target share
+of the dense backbone's.
 
-`pvt_s_dge` / `pvt_t_dge` are the dense `pvt_s` / `pvt_t` plus one router per block: dense
-ImageNet weights load as for the dense backbone and the routers start fresh (finest
-granularity at p = 0.95). Training (`forward_with_losses`) computes the dense form and
-returns the budget loss with the realised cost share and granularity shares; evaluation
+`pvt_s_dge`, `deit_s_dge` (and the other sizes) are the dense backbones plus one router per
+block: dense ImageNet weights load as for the dense backbone and the routers start fresh
+(finest granularity at p = 0.95). Training (`forward_with_losses`) computes the dense form
+and returns the budget loss with the realised cost share and granularity shares; evaluation
 computes each image's chosen queries only.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
                             query_counts, region_validity)
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
-from .vit import load_converted_state
+from .vit import ViTBackbone
 
 BUDGET_SCOPES = ("backbone", "dge_layers")
 
 
-class DGEPVTBackbone(PVTBackbone):
-    """PVT v1 with DGE blocks. forward(x, sizes) as PVTBackbone's; the input is padded to a
-    multiple of 128 (32 x S) so that every stage's map divides into 4 x 4-token regions.
+class DGECost:
+    """What the DGE backbones share: routers on every block, the DGE loop over a stage's
+    blocks with its cost accounting, the budget loss.
 
     budget: the target cost share gamma; budget_weight: lambda of (beta - gamma)^2;
     budget_scope: beta over the backbone (patch embeddings + blocks, the official code's
@@ -34,58 +35,46 @@ class DGEPVTBackbone(PVTBackbone):
     that replace the routers' choices, for benchmarks on random weights. `sparse_train`:
     train on the chosen queries only instead of the exact dense form."""
 
-    pad_multiple = 32 * REGION
     takes_sizes = True
 
-    def __init__(self, name: str = "pvt_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
-                 budget_scope: str = "backbone", sparse_train: bool = False, **kwargs):
-        super().__init__(name.removesuffix("_dge"), *args, **kwargs)
+    def setup_dge(self, blocks: list[tuple[nn.Module, int]], budget: float, budget_weight: float,
+                  budget_scope: str, sparse_train: bool) -> None:
         if budget_scope not in BUDGET_SCOPES:
             raise ValueError(f"model.backbone.dge.budget_scope: '{budget_scope}' not in {BUDGET_SCOPES}")
-        for i, stage in enumerate(self.stages):
-            for block in stage.blocks:
-                block.router = GrainRouter(_DIMS[i])
+        for block, dim in blocks:
+            block.router = GrainRouter(dim)
         self.budget, self.budget_weight, self.budget_scope = budget, budget_weight, budget_scope
         self.sparse_train = sparse_train
         self.forced: tuple[float, ...] | None = None
         self.costs: list[dict] = []  # the last forward pass's, per stage
         self.choices: list[Tensor] = []  # the last forward pass's options (B, Hr, Wr) per block, -1 in padding
 
-    def load_pretrained(self, path: str) -> None:
-        """A dense PVT v1 state dict; the routers keep their initialisation."""
-        wanted = {k for k in self.state_dict() if not k.startswith("norms.") and ".router." not in k}
-        load_converted_state(self, path, wanted, self._from_checkpoint, "PVT v1 state dict of the same size")
-
-    def run_stage(self, stage: PVTStage, x: Tensor, valid: list[tuple[int, int]]):
-        index = len(self.costs)
-        tokens, grid, keep, key_mask = stage.embed(x, valid)
+    def dge_blocks(self, blocks, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                   update: Callable[[nn.Module, Tensor, Tensor], Tensor],
+                   macs: Callable[[Tensor, Tensor], Tensor], embed_macs_per_token: float) -> Tensor:
+        """Run DGE blocks over tokens (B, N, C) on the grid; update(block, queries, map) is the
+        dense block's update of queries, macs(queries, tokens) a block's cost."""
         b, dim = tokens.shape[0], tokens.shape[-1]
-        regions = region_validity(keep, grid, b, x.device)
+        regions = region_validity(keep, grid, b, tokens.device)
         region_tokens = regions.flatten(1).sum(1).to(tokens.dtype) * REGION ** 2  # (B,)
-        in_channels = stage.patch_embed.proj.in_channels
-        cost = {"static": region_tokens * in_channels * _PATCH[index] ** 2 * dim, "dynamic": 0.0, "dense": 0.0,
-                "grains": torch.zeros(len(SPLITS), device=x.device), "slots": regions.sum() * len(stage.blocks)}
-        hidden, sr = dim * _MLP_RATIOS[index], _SR_RATIOS[index]
+        cost = {"static": region_tokens * embed_macs_per_token, "dynamic": 0.0, "dense": 0.0,
+                "grains": torch.zeros(len(SPLITS), device=tokens.device), "slots": regions.sum() * len(blocks)}
         sparse = not self.training or self.sparse_train
-        for block in stage.blocks:
+        for block in blocks:
             source = tokens if keep is None else tokens * keep.unsqueeze(-1)
             gates = grain_gates(block.router(source.view(b, *grid, dim)), regions, self.training, self.forced)
-            queries = query_counts(gates, regions)
-            cost["dynamic"] = cost["dynamic"] + block_macs(queries, region_tokens, dim, hidden, sr) \
-                + region_tokens / REGION ** 2 * dim * len(SPLITS)  # the router's linear layer
-            cost["dense"] = cost["dense"] + block_macs(region_tokens, region_tokens, dim, hidden, sr)
+            # the router's linear layer is part of the cost, not of the dense reference
+            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, regions), region_tokens) \
+                + region_tokens / REGION ** 2 * dim * len(SPLITS)
+            cost["dense"] = cost["dense"] + macs(region_tokens, region_tokens)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
             if not self.training:
                 self.choices.append(torch.where(regions, gates.argmax(-1), -1))
             current = tokens
-            tokens = dge_update(lambda q, t=current: block.forward_queries(q, t, grid, keep, key_mask),
-                                tokens, grid, gates, regions, keep, sparse)
+            tokens = dge_update(lambda q, t=current, blk=block: update(blk, q, t), tokens, grid, gates, regions,
+                                keep, sparse)
         self.costs.append(cost)
-        return tokens, grid, keep
-
-    def forward(self, x: Tensor, sizes: list[tuple[int, int]] | None = None) -> "OrderedDict[str, Tensor]":
-        self.costs, self.choices = [], []
-        return super().forward(x, sizes)
+        return tokens
 
     def cost_shares(self) -> dict[str, Tensor]:
         """The last forward pass's cost relative to the dense backbone on the same regions:
@@ -100,6 +89,10 @@ class DGEPVTBackbone(PVTBackbone):
         out.update({f"dge_{name}": share for name, share in zip(GRAIN_NAMES, grains)})
         return out
 
+    def forward(self, x: Tensor, sizes: list[tuple[int, int]] | None = None) -> "OrderedDict[str, Tensor]":
+        self.costs, self.choices = [], []
+        return super().forward(x, sizes)
+
     def forward_with_losses(self, x: Tensor, targets: list[dict], sizes: list[tuple[int, int]] | None = None
                             ) -> tuple["OrderedDict[str, Tensor]", dict[str, Tensor]]:
         """Training: the maps and {"loss_budget": lambda (beta - gamma)^2 in float64, the
@@ -110,3 +103,54 @@ class DGEPVTBackbone(PVTBackbone):
         stats = {k: v.detach() for k, v in shares.items()}
         stats["loss_budget"] = (self.budget_weight * (beta.double() - self.budget) ** 2).to(beta.dtype)
         return maps, stats
+
+    def fresh(self, key: str) -> bool:
+        """The routers are new, beside what the dense backbone does not load."""
+        return ".router." in key or super().fresh(key)
+
+
+class DGEPVTBackbone(DGECost, PVTBackbone):
+    """PVT v1 with DGE blocks (settings: DGECost). forward(x, sizes) as PVTBackbone's; the
+    input is padded to a multiple of 128 (32 x S) so every stage divides into regions."""
+
+    pad_multiple = 32 * REGION
+
+    def __init__(self, name: str = "pvt_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
+                 budget_scope: str = "backbone", sparse_train: bool = False, **kwargs):
+        super().__init__(name.removesuffix("_dge"), *args, **kwargs)
+        self.setup_dge([(block, _DIMS[i]) for i, stage in enumerate(self.stages) for block in stage.blocks],
+                       budget, budget_weight, budget_scope, sparse_train)
+
+    def run_stage(self, stage: PVTStage, x: Tensor, valid: list[tuple[int, int]]):
+        index = len(self.costs)
+        tokens, grid, keep, key_mask = stage.embed(x, valid)
+        dim = tokens.shape[-1]
+        hidden, sr = dim * _MLP_RATIOS[index], _SR_RATIOS[index]
+        tokens = self.dge_blocks(
+            stage.blocks, tokens, grid, keep,
+            lambda block, q, t: block.forward_queries(q, t, grid, keep, key_mask),
+            lambda q, n: block_macs(q, n, dim, hidden, sr),
+            stage.patch_embed.proj.in_channels * _PATCH[index] ** 2 * dim)
+        return tokens, grid, keep
+
+
+class DGEViTBackbone(DGECost, ViTBackbone):
+    """DeiT / ViT with DGE blocks (settings: DGECost) and ViTDet's simple pyramid. The input
+    is padded to a multiple of 64 (16 x S) so the token map divides into regions."""
+
+    pad_multiple = 16 * REGION
+
+    def __init__(self, name: str = "deit_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
+                 budget_scope: str = "backbone", sparse_train: bool = False, **kwargs):
+        super().__init__(name.removesuffix("_dge"), *args, **kwargs)
+        dim = self.conv_proj.out_channels
+        self.setup_dge([(block, dim) for block in self.layers], budget, budget_weight, budget_scope, sparse_train)
+
+    def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                   key_mask: Tensor | None) -> Tensor:
+        dim = tokens.shape[-1]
+        return self.dge_blocks(
+            list(self.layers), tokens, grid, keep,
+            lambda block, q, t: block.forward_queries(q, t, key_mask),
+            lambda q, n: block_macs(q, n, dim, 4 * dim),
+            3 * self.patch_size ** 2 * dim)

@@ -13,22 +13,11 @@ from torchvision.ops import StochasticDepth
 
 from .swin import ChunkedMLP
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
-from .vit import load_converted_state, resize_pos_embed
+from .vit import load_converted_state, resize_pos_embed, valid_tokens
 
 _DEPTHS = {"pvt_t": [2, 2, 2, 2], "pvt_s": [3, 4, 6, 3]}
 _DIMS, _HEADS, _MLP_RATIOS = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4]
 _SR_RATIOS, _PATCH = [8, 4, 2, 1], [4, 2, 2, 2]
-
-
-def _valid_tokens(grid: tuple[int, int], valid: list[tuple[int, int]], device) -> Tensor | None:
-    """(B, h*w) True on the tokens of each image's top-left valid[i] corner of an h x w grid;
-    None when the whole grid is valid for every image."""
-    if all(tuple(v) == tuple(grid) for v in valid):
-        return None
-    sizes = torch.tensor(valid, device=device)
-    rows = torch.arange(grid[0], device=device)[None, :] < sizes[:, :1]
-    cols = torch.arange(grid[1], device=device)[None, :] < sizes[:, 1:]
-    return (rows[:, :, None] & cols[:, None, :]).flatten(1)
 
 
 def _cover(valid: list[tuple[int, int]], stride: int) -> list[tuple[int, int]]:
@@ -131,9 +120,9 @@ class PVTStage(nn.Module):
         (None: all)."""
         tokens, grid = self.patch_embed(x)
         tokens = tokens + self.position_embedding(grid, valid)
-        keep = _valid_tokens(grid, valid, x.device)
+        keep = valid_tokens(grid, valid, x.device)
         sr = self.sr_ratio
-        key_mask = _valid_tokens((grid[0] // sr, grid[1] // sr), _cover(valid, sr), x.device)
+        key_mask = valid_tokens((grid[0] // sr, grid[1] // sr), _cover(valid, sr), x.device)
         return tokens, grid, keep, None if key_mask is None else key_mask[:, None, None, :]
 
     def position_embedding(self, grid: tuple[int, int], valid: list[tuple[int, int]]) -> Tensor:
@@ -211,8 +200,12 @@ class PVTBackbone(nn.Module):
         """Load an official PVT v1 state dict (`patch_embed1.proj.weight`, `pos_embed1`,
         `block1.0.attn.q.weight`, ...); its class token, final norm, head and the stages not
         built are ignored. The output LayerNorms keep their initialisation."""
-        wanted = {k for k in self.state_dict() if not k.startswith("norms.")}
+        wanted = {k for k in self.state_dict() if not self.fresh(k)}
         load_converted_state(self, path, wanted, self._from_checkpoint, "PVT v1 state dict of the same size")
+
+    def fresh(self, key: str) -> bool:
+        """Parameters a classification checkpoint does not hold (the output norms)."""
+        return key.startswith("norms.")
 
     def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
         if key.startswith(("cls_token", "norm.", "head.")):
@@ -241,7 +234,7 @@ class PVTBackbone(nn.Module):
         every image fills x. Inside each image the maps do not depend on the padding."""
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
-        inside = _valid_tokens((h, w), sizes, x.device)
+        inside = valid_tokens((h, w), sizes, x.device)
         if inside is not None:  # the patch embedding must see zeros beyond each image
             x = x * inside.view(b, 1, h, w)
         x = F.pad(x, (0, -w % self.pad_multiple, 0, -h % self.pad_multiple))

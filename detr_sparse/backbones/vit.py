@@ -40,6 +40,17 @@ _CLASSIFIER = ("class_token", "encoder.ln.", "heads.", "cls_token", "dist_token"
                "fc_norm.", "head.", "head_dist.")
 
 
+def valid_tokens(grid: tuple[int, int], valid: list[tuple[int, int]], device) -> Tensor | None:
+    """(B, h*w) True on the tokens of each image's top-left valid[i] corner of an h x w grid;
+    None when the whole grid is valid for every image."""
+    if all(tuple(v) == tuple(grid) for v in valid):
+        return None
+    sizes = torch.tensor(valid, device=device)
+    rows = torch.arange(grid[0], device=device)[None, :] < sizes[:, :1]
+    cols = torch.arange(grid[1], device=device)[None, :] < sizes[:, 1:]
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1)
+
+
 def resize_pos_embed(pos: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tensor:
     """pos (1, S*S, C) learned on an S x S grid -> (1, h*w, C) for an h x w grid."""
     side = math.isqrt(pos.shape[1])
@@ -84,15 +95,30 @@ class ViTBlock(EncoderBlock):
         super().__init__(heads, dim, 4 * dim, dropout=0.0, attention_dropout=0.0)
         self.drop_path = StochasticDepth(drop_path, "row")
 
-    def attend(self, x: Tensor) -> Tensor:
-        attn, (b, n, c) = self.self_attention, x.shape
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+    def attend(self, x: Tensor, queries: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        """Self-attention of x (B, N, C), or of other `queries` (B, Q, C) against x's keys and
+        values (the fused projection's rows split: q the first C, k and v the rest);
+        key_mask (B, 1, 1, N) True at keys to attend to."""
+        attn, (b, n, c), heads = self.self_attention, x.shape, self.num_heads
+        if queries is None:
+            qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        else:
+            q = F.linear(queries, attn.in_proj_weight[:c], attn.in_proj_bias[:c])
+            q = q.view(b, -1, heads, c // heads).transpose(1, 2)
+            kv = F.linear(x, attn.in_proj_weight[c:], attn.in_proj_bias[c:])
+            k, v = kv.view(b, n, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], c))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attend(self.ln_1(x)))
-        return x + self.drop_path(apply_in_chunks(self.mlp, self.ln_2(x)))
+    def forward_queries(self, queries: Tensor, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """The block's update of raw queries (B, Q, C) attending to the map x (B, N, C)."""
+        q = None if queries is x else self.ln_1(queries)
+        queries = queries + self.drop_path(self.attend(self.ln_1(x), q, key_mask))
+        return queries + self.drop_path(apply_in_chunks(self.mlp, self.ln_2(queries)))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        return self.forward_queries(x, x, key_mask)
 
 
 def _rescale(dim: int, stride: int) -> tuple[nn.Module, int]:
@@ -122,6 +148,7 @@ class ViTBackbone(nn.Module):
     """
 
     patch_size = 16
+    pad_multiple = 16
 
     def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
                  pretrained: str = "", drop_path_rate: float = 0.1, out_channels: int = 256,
@@ -160,9 +187,13 @@ class ViTBackbone(nn.Module):
         ...`) or a DeiT / timm one (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...).
         The classifier is ignored; the pyramid is detection-specific and keeps its
         initialisation. A position embedding learned on another grid is resized to ours."""
-        wanted = {k for k in self.state_dict() if not k.startswith(("rescale.", "project."))}
+        wanted = {k for k in self.state_dict() if not self.fresh(k)}
         load_converted_state(self, path, wanted, self._from_checkpoint,
                              "torchvision or DeiT ViT state dict of the same size")
+
+    def fresh(self, key: str) -> bool:
+        """Parameters a classification checkpoint does not hold (the pyramid)."""
+        return key.startswith(("rescale.", "project."))
 
     def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
         if key.startswith(_CLASSIFIER):
@@ -188,16 +219,54 @@ class ViTBackbone(nn.Module):
         """(1, h*w, C) position embeddings for an h x w patch grid."""
         return resize_pos_embed(self.pos_embedding, size, mode="bicubic")
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % self.patch_size, 0, -h % self.patch_size))
+    def embed(self, x: Tensor, sizes: list[tuple[int, int]]
+              ) -> tuple[Tensor, tuple[int, int], Tensor | None, Tensor | None]:
+        """x (B, 3, H, W) padded to the patch size -> tokens (B, N, C) with position
+        embeddings, the grid, each image's (B, N) token mask and the (B, 1, 1, N) key mask
+        (None when every image fills the grid)."""
         x = self.conv_proj(x)  # (B, C, ceil(H/16), ceil(W/16))
-        b, c, gh, gw = x.shape
-        tokens = self.layers(x.flatten(2).transpose(1, 2) + self.position_embedding((gh, gw)))
-        x = tokens.transpose(1, 2).reshape(b, c, gh, gw)
+        grid = tuple(x.shape[-2:])
+        valid = [(-(-h // self.patch_size), -(-w // self.patch_size)) for h, w in sizes]
+        keep = valid_tokens(grid, valid, x.device)
+        tokens = x.flatten(2).transpose(1, 2)
+        if keep is None:
+            return tokens + self.position_embedding(grid), grid, None, None
+        # each image's embedding on its own grid: padding does not stretch it
+        pos = torch.cat([F.pad(self.position_embedding(v).view(1, *v, -1),
+                               (0, 0, 0, grid[1] - v[1], 0, grid[0] - v[0])) for v in valid])
+        return tokens + pos.flatten(1, 2), grid, keep, keep[:, None, None, :]
+
+    def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
+                   key_mask: Tensor | None) -> Tensor:
+        for layer in self.layers:
+            tokens = layer(tokens, key_mask)
+        return tokens
+
+    def forward(self, x: Tensor, sizes: list[tuple[int, int]] | None = None) -> "OrderedDict[str, Tensor]":
+        """x (B, 3, H, W); sizes: each image's (h, w) inside x (a padded batch), or None when
+        every image fills x. With sizes, each image's maps do not depend on the padding
+        (its tokens attend to its own, the pyramid sees zeros beyond it)."""
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
+        inside = valid_tokens((h, w), sizes, x.device)
+        if inside is not None:
+            x = x * inside.view(b, 1, h, w)
+        pad = self.pad_multiple
+        tokens, grid, keep, key_mask = self.embed(F.pad(x, (0, -w % pad, 0, -h % pad)), sizes)
+        tokens = self.run_blocks(tokens, grid, keep, key_mask)
+        x = tokens.transpose(1, 2).reshape(b, -1, *grid)
         out = OrderedDict()
         for n in self.out_features:
             stride = self.strides[n]
+            size = (-(-h // stride), -(-w // stride))
+            level = x
+            if keep is not None:  # padding: zeros to upsample, nothing to max-pool
+                outside = ~keep.view(b, 1, *grid)
+                level = x.masked_fill(outside, float("-inf") if isinstance(self.rescale[n], nn.MaxPool2d) else 0.0)
             # cropped before the 3x3 convolution, which then zero-pads at the image border
-            out[n] = self.project[n](self.rescale[n](x)[..., : -(-h // stride), : -(-w // stride)])
+            level = self.project[n][0](self.rescale[n](level)[..., : size[0], : size[1]])
+            mask = valid_tokens(size, [(-(-sh // stride), -(-sw // stride)) for sh, sw in sizes], x.device)
+            if mask is not None:  # and at each image's border in a padded batch
+                level = torch.where(mask.view(b, 1, *size), level, 0.0)
+            out[n] = self.project[n][1](level)
         return out

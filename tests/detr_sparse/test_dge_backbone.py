@@ -1,21 +1,26 @@
-"""The DGE PVT backbone: dense parity, training form = inference form, padding, the budget
-loss and its MACs against the FLOP counter."""
+"""The DGE backbones (PVT, DeiT): dense parity, training form = inference form, padding,
+the budget loss and its MACs against the FLOP counter, dense weights loading."""
 import math
 
 import pytest
 import torch
 
 from detr_sparse.backbones import build_backbone
-from detr_sparse.backbones.dge import DGEPVTBackbone
+from detr_sparse.backbones.dge import DGEPVTBackbone, DGEViTBackbone
 from detr_sparse.backbones.pvt import PVTBackbone
+from detr_sparse.backbones.vit import ViTBackbone
 from engine.benchmark import count_flops
 from engine.config import BackboneConfig
 
 
-def _pair():
+def _pair(kind: str = "pvt"):
     torch.manual_seed(0)
-    dge = DGEPVTBackbone("pvt_t_dge", drop_path_rate=0.0).eval()
-    dense = PVTBackbone("pvt_t", drop_path_rate=0.0).eval()
+    if kind == "pvt":
+        dge = DGEPVTBackbone("pvt_t_dge", drop_path_rate=0.0).eval()
+        dense = PVTBackbone("pvt_t", drop_path_rate=0.0).eval()
+    else:
+        dge = DGEViTBackbone("deit_t_dge", out_channels=32, drop_path_rate=0.0).eval()
+        dense = ViTBackbone("deit_t", out_channels=32, drop_path_rate=0.0).eval()
     dense.load_state_dict({k: v for k, v in dge.state_dict().items() if ".router." not in k})
     return dge, dense
 
@@ -32,17 +37,19 @@ def test_routers_start_at_the_finest_granularity():
     assert abs(p - 0.95) < 1e-6 and dge.stages[0].blocks[0].router.gate.weight.std() < 0.02
 
 
+@pytest.mark.parametrize("kind", ["pvt", "deit"])
 @pytest.mark.parametrize("size", [(75, 101), (128, 256)])
-def test_finest_granularity_everywhere_equals_the_dense_backbone(size):
-    dge, dense = _pair()
+def test_finest_granularity_everywhere_equals_the_dense_backbone(kind, size):
+    dge, dense = _pair(kind)
     dge.forced = (1.0, 0.0, 0.0)
     images = torch.randn(2, 3, *size)
     with torch.no_grad():
         _close(dge(images), dense(images))
 
 
-def test_training_form_equals_inference_form_for_the_same_gates():
-    dge, _ = _pair()
+@pytest.mark.parametrize("kind", ["pvt", "deit"])
+def test_training_form_equals_inference_form_for_the_same_gates(kind):
+    dge, _ = _pair(kind)
     dge.forced = (0.4, 0.35, 0.25)
     images = torch.randn(2, 3, 130, 200)
     with torch.no_grad():
@@ -50,17 +57,19 @@ def test_training_form_equals_inference_form_for_the_same_gates():
         dge.train()
         training = dge(images)
     _close(training, inference, atol=1e-4)
-    assert dge.cost_shares()["dge_grain1"] == pytest.approx(0.4, abs=0.05)
+    assert dge.cost_shares()["dge_grain1"] == pytest.approx(0.4, abs=0.1)  # whole regions: 12 in DeiT
 
 
-def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing():
-    dge, _ = _pair()
-    for stage in dge.stages:  # routers that choose by content: every granularity occurs
-        for block in stage.blocks:
-            block.router.gate.bias.data.zero_()
-            block.router.gate.weight.data.normal_(std=1.0)
-    images = [torch.randn(3, 75, 101), torch.randn(3, 140, 60)]
-    batch = torch.full((2, 3, 140, 101), 3.0)
+@pytest.mark.parametrize("kind", ["pvt", "deit"])
+def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing(kind):
+    dge, _ = _pair(kind)
+    for name, module in dge.named_modules():  # routers that choose by content: every granularity occurs
+        if name.endswith(".router"):
+            module.gate.bias.data.zero_()
+            module.gate.weight.data.normal_(std=1.0)
+    images = [torch.randn(3, 75, 101), torch.randn(3, 140, 60)] if kind == "pvt" else \
+        [torch.randn(3, 150, 201), torch.randn(3, 280, 120)]
+    batch = torch.full((2, 3, max(i.shape[1] for i in images), max(i.shape[2] for i in images)), 3.0)
     for i, image in enumerate(images):
         batch[i, :, :image.shape[1], :image.shape[2]] = image
     with torch.no_grad():
@@ -73,18 +82,24 @@ def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing():
         for name, stride in dge.strides.items():
             h, w = -(-image.shape[1] // stride), -(-image.shape[2] // stride)
             torch.testing.assert_close(together[name][i, :, :h, :w], single[name][0], atol=1e-4, rtol=1e-4)
-    # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 16 x 8
-    # regions (padded to 256 x 128 px); the others are wholly padding, chosen by nobody
-    first = choices[0][1]
-    assert first.shape == (16, 8) and (first[:9, :4] >= 0).all()
-    assert (first == -1).sum() == 16 * 8 - 9 * 4
+    if kind == "pvt":
+        # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 16 x 8
+        # regions (padded to 256 x 128 px); the others are wholly padding, chosen by nobody
+        first = choices[0][1]
+        assert first.shape == (16, 8) and (first[:9, :4] >= 0).all()
+        assert (first == -1).sum() == 16 * 8 - 9 * 4
 
 
-def test_budget_macs_agree_with_the_flop_counter_on_the_inference_path():
-    dge, _ = _pair()
+@pytest.mark.parametrize("kind", ["pvt", "deit"])
+def test_budget_macs_agree_with_the_flop_counter_on_the_inference_path(kind):
+    dge, _ = _pair(kind)
     dge.forced = (0.3, 0.3, 0.4)
     images = torch.randn(1, 3, 256, 384)  # a multiple of 128: no padding
-    counted = count_flops(dge, images).total * 1e9
+    # the budget covers the patch embedding(s) and the blocks, not ViTDet's pyramid
+    pyramid = {f"{part}.{n}{step}": f"{part}.{n}{step}" for n in dge.out_features
+               for part, step in (("rescale", ""), ("project", ".0"), ("project", ".1"))}
+    flops = count_flops(dge, images, pyramid if kind == "deit" else None)
+    counted = (flops.total - sum(v for k, v in flops.by_part.items() if k != "other")) * 1e9
     with torch.no_grad():
         dge(images)
     costs = dge.costs
@@ -135,3 +150,34 @@ def test_build_backbone_builds_dge_with_its_settings():
     assert math.isclose(backbone.pad_multiple, 128)
     with pytest.raises(ValueError, match="budget_scope"):
         DGEPVTBackbone("pvt_t_dge", budget_scope="layers")
+
+
+@pytest.mark.parametrize("kind", ["pvt", "deit"])
+def test_dense_imagenet_weights_load_and_the_routers_start_fresh(kind, tmp_path):
+    dge, dense = _pair(kind)
+    for p in dense.parameters():
+        p.data.normal_()
+    if kind == "pvt":
+        state = {}
+        for key, value in dense.state_dict().items():  # back to the official PVT names
+            if key.startswith("norms."):
+                continue
+            stage, part, rest = key.split(".", 2)[1], *key.split(".", 3)[2:3], key.split(".", 3)[3:]
+            rest = ("." + rest[0]) if rest else ""
+            if part == "pos_embed":
+                value = torch.cat([torch.zeros(1, 1, value.shape[-1]), value], 1) if stage == "3" else value
+                state[f"pos_embed{int(stage) + 1}"] = value
+                continue
+            name = {"blocks": "block"}.get(part, part) + str(int(stage) + 1)
+            state[name + rest.replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.3.", ".mlp.fc2.")] = value
+    else:
+        state = {k: v for k, v in dense.state_dict().items() if not k.startswith(("rescale.", "project."))}
+    torch.save(state, tmp_path / "dense.pth")
+    fresh = (DGEPVTBackbone("pvt_t_dge") if kind == "pvt" else DGEViTBackbone("deit_t_dge", out_channels=32))
+    router = {k: v.clone() for k, v in fresh.state_dict().items() if ".router." in k}
+    fresh.load_pretrained(str(tmp_path / "dense.pth"))
+    loaded = fresh.state_dict()
+    for key, value in dense.state_dict().items():
+        if not dense.fresh(key):
+            torch.testing.assert_close(loaded[key], value)
+    assert all(torch.equal(loaded[k], v) for k, v in router.items())
