@@ -5,6 +5,8 @@
         --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--json] [--opts k=v ...]
     python tools/benchmark.py --train --config configs/detr_r18_synthetic.yaml [--processes 1 2]
     python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
+    python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
+        --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -46,34 +48,62 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
     return ImageBatch.from_images([pixels] * batch).to(device)
 
 
+def operating_point(backbone, args, inputs: ImageBatch) -> dict:
+    """Force a DGE backbone's routers (--dge-budget / --dge-shares); its realised cost."""
+    if not hasattr(backbone, "force_budget"):
+        return {}
+    if args.dge_shares:
+        backbone.forced = tuple(args.dge_shares)
+    elif args.dge_budget:
+        backbone.force_budget(args.dge_budget, inputs.tensors)
+    with torch.no_grad():
+        backbone(inputs.tensors)
+    shares = {k: round(float(v), 4) for k, v in backbone.cost_shares().items()}
+    return {"dge_forced": backbone.forced, **shares}
+
+
 def measure(cfg_path: str, args) -> dict:
     cfg = load_config(cfg_path, args.opts)
     device = resolve_device(cfg.device)
     model = build_eval_model(cfg.model, args.num_classes, args.checkpoint, device)
     inputs = make_input(tuple(args.size), args.batch, args.image, device)
+    backbone = getattr(model, "backbone", None)
+    sparse = operating_point(backbone, args, inputs) if backbone is not None else {}
     flops = count_flops(model, inputs, getattr(model, "parts", None))
     # the deformable attention's sampling, counted by its operator's formula (the reference
     # tables' counter leaves grid_sample out, so totals minus this compare with them)
     sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
     with peak_memory(device) as mem:
         latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
+    # the backbone alone, on what the model hands it (the batch tensor)
+    backbone_latency = 0.0 if backbone is None else \
+        measure_latency(backbone, inputs.tensors, runs=args.runs, warmup=args.warmup)
     return {"config": cfg_path, "size": list(args.size), "batch": args.batch,
             "gflops": round(flops.total, 6), "gflops_deform_sampling": round(sampling, 6),
             "gflops_by_part": {k: round(v, 6) for k, v in flops.by_part.items()},
-            "latency_s": round(latency, 4), "peak_mem_mb": round(mem["mb"], 1),
-            "threads": torch.get_num_threads(), "device": str(device)}
+            "latency_s": round(latency, 4), "backbone_latency_s": round(backbone_latency, 4),
+            "peak_mem_mb": round(mem["mb"], 1), "threads": torch.get_num_threads(), "device": str(device),
+            **sparse}
 
 
 def print_table(rows: list[dict]) -> None:
     parts = sorted({p for r in rows for p in r["gflops_by_part"]})
-    head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "peak MB", "x GFLOPs", "x latency"]
+    head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "backbone s", "peak MB", "x GFLOPs",
+            "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta"]
     print(" | ".join(head))
     base = rows[0]
+
+    def ratio(r, key, part=None):
+        mine, theirs = (r["gflops_by_part"].get(part, 0), base["gflops_by_part"].get(part, 0)) if part \
+            else (r[key], base[key])
+        return f"{mine / theirs:.3f}" if theirs else "-"
+
     for r in rows:
         cells = [Path(r["config"]).stem, f"{r['gflops']:.1f}", f"{r['gflops'] - r['gflops_deform_sampling']:.1f}",
                  *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
-                 f"{r['latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
-                 f"{r['gflops'] / base['gflops']:.3f}", f"{r['latency_s'] / base['latency_s']:.3f}"]
+                 f"{r['latency_s']:.3f}", f"{r['backbone_latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
+                 ratio(r, "gflops"), ratio(r, "latency_s"), ratio(r, None, "backbone"),
+                 ratio(r, "backbone_latency_s"), f"{r['dge_beta']:.3f}" if "dge_beta" in r else "-"]
         print(" | ".join(cells))
 
 
@@ -179,6 +209,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--image", default="", help="a real image instead of random input")
     p.add_argument("--checkpoint", default="", help="weights to load (matter for sparse models)")
+    p.add_argument("--dge-budget", type=float, default=0.0, help="DGE backbones: force the routers to the "
+                   "finest / coarsest mix whose backbone cost share beta is this (random weights)")
+    p.add_argument("--dge-shares", nargs=3, type=float, metavar=("FINEST", "MIDDLE", "COARSEST"),
+                   help="DGE backbones: force these granularity shares of the regions")
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")

@@ -93,6 +93,21 @@ class DGECost:
         self.costs, self.choices = [], []
         return super().forward(x, sizes)
 
+    @torch.no_grad()
+    def force_budget(self, beta: float, x: Tensor, steps: int = 12) -> tuple[float, ...]:
+        """Force the routers to the mix of finest and coarsest regions whose backbone beta on
+        x (B, 3, H, W) is `beta` (bisection on the finest share; the cost depends on the
+        query count only, so this is an operating point of a trained model's cost).
+        Returns the shares, which stay set in `forced`."""
+        low, high = 0.0, 1.0
+        for _ in range(steps):
+            middle = (low + high) / 2
+            self.forced = (middle, 0.0, 1.0 - middle)
+            self.forward(x)
+            low, high = (middle, high) if self.cost_shares()["dge_beta"] < beta else (low, middle)
+        self.forced = ((low + high) / 2, 0.0, 1.0 - (low + high) / 2)
+        return self.forced
+
     def forward_with_losses(self, x: Tensor, targets: list[dict], sizes: list[tuple[int, int]] | None = None
                             ) -> tuple["OrderedDict[str, Tensor]", dict[str, Tensor]]:
         """Training: the maps and {"loss_budget": lambda (beta - gamma)^2 in float64, the

@@ -95,3 +95,17 @@ def test_deformable_attention_component_prints_speedups(capsys):
     assert all(r["queries"] == 128 for r in rows)
     assert all(r["forward_speedup"] > 0 and r["train_speedup"] > 0 for r in rows)
     assert "forward+backward" in capsys.readouterr().out
+
+
+def test_dge_backbone_at_a_forced_budget_against_its_dense_baseline(capsys):
+    small_heads = ["model.rcnn.fpn_channels=32", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
+                   "model.rcnn.rpn_post_nms_top_n_test=50"]
+    rows = benchmark.main(["--config", str(REPO / "configs/mask_rcnn_pvt_s.yaml"),
+                           str(REPO / "configs/mask_rcnn_pvt_s_dge.yaml"), "--size", "256", "384",
+                           "--runs", "1", "--warmup", "0", "--dge-budget", "0.5", "--opts", *small_heads])
+    dense, dge = rows
+    assert "dge_beta" not in dense and abs(dge["dge_beta"] - 0.5) < 0.02
+    ratio = dge["gflops_by_part"]["backbone"] / dense["gflops_by_part"]["backbone"]
+    assert 0.45 < ratio < 0.56  # beta counts the backbone as the FLOP counter does
+    assert dge["backbone_latency_s"] > 0
+    assert "DGE beta" in capsys.readouterr().out
