@@ -23,7 +23,7 @@ from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, optimizer_state
 from .scale import checkpoint_activations, wrap_ddp
 from .train import TrainState, evaluate, train_one_epoch
-from .visualize import denormalize, draw_detections, sparsity_pictures
+from .visualize import denormalize, draw_detections, has_sparsity_pictures, sparsity_pictures
 
 log = logging.getLogger("detr_sparse.trainer")
 
@@ -177,7 +177,7 @@ class Trainer:
         evaluators = build_evaluators(self.model, self.val_set)
         shown, sparsity = [], []
         count = self.cfg.eval.num_vis_images
-        sparse = hasattr(self.model, "token_maps")  # pictures of its token maps too
+        sparse = has_sparsity_pictures(self.model)  # pictures of its token maps / granularities too
 
         def show(images, targets, predictions):
             for img, tgt, pred in zip(images.tensors, targets, predictions):

@@ -90,6 +90,42 @@ def sparsity_panels(image: torch.Tensor, maps: dict, shapes: torch.Tensor, start
     return side_by_side(token_overlays(image, maps, shapes, starts, valid, padded_size))
 
 
+# DGE's granularities: finest (16 queries per region) red, middle yellow, coarsest (1) blue
+GRAIN_COLORS = [(230, 40, 40), (250, 200, 0), (40, 110, 230)]
+
+
+def grain_panel(image: torch.Tensor, choice: torch.Tensor, region_px: int, alpha: float = 0.45) -> torch.Tensor:
+    """The uint8 (3, h, w) image with each region (region_px square, from the top-left)
+    tinted by its granularity in choice (Hr, Wr) (0 finest .. 2 coarsest, -1 padding: left
+    as it is), and a grid line between regions."""
+    h, w = image.shape[-2:]
+    colors = torch.tensor(GRAIN_COLORS + [(0, 0, 0)], dtype=torch.float32)[choice.cpu().clamp(min=-1)]
+    tint = colors.permute(2, 0, 1).repeat_interleave(region_px, 1).repeat_interleave(region_px, 2)[:, :h, :w]
+    inside = (choice.cpu() >= 0).repeat_interleave(region_px, 0).repeat_interleave(region_px, 1)[:h, :w]
+    out = torch.where(inside, image.float() * (1 - alpha) + tint * alpha, image.float())
+    out[:, ::region_px, :], out[:, :, ::region_px] = 255.0, 255.0
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def has_sparsity_pictures(model) -> bool:
+    """A token-sparse detector (token maps) or a detector on a DGE backbone (granularities)."""
+    return hasattr(model, "token_maps") or hasattr(getattr(model, "backbone", None), "granularity_maps")
+
+
+@torch.no_grad()
+def granularity_pictures(model, images, limit: int) -> list[torch.Tensor]:
+    """A fresh evaluation pass of a detector on a DGE backbone over an ImageBatch -> for its
+    first `limit` images, the granularity panels of the backbone's pictured blocks side by
+    side (uint8 (3, h, n * w + gaps))."""
+    model(images)
+    maps = model.backbone.granularity_maps()
+    pictures = []
+    for i, (h, w) in enumerate(images.sizes.tolist()[:limit]):
+        image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
+        pictures.append(side_by_side([grain_panel(image, choice[i], px) for _, choice, px in maps]))
+    return pictures
+
+
 @torch.no_grad()
 def sparsity_maps(model, images) -> dict | None:
     """Runs a token-sparse model's `forward_raw` on an ImageBatch -> its `token_maps` (the
@@ -106,8 +142,10 @@ def sparsity_maps(model, images) -> dict | None:
 
 
 def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
-    """`sparsity_panels` of the first `limit` images of an ImageBatch (a fresh no-grad pass
-    of `model`); [] for a model without token maps."""
+    """`sparsity_panels` (or a DGE backbone's `granularity_pictures`) of the first `limit`
+    images of an ImageBatch (a fresh no-grad pass of `model`); [] for a dense model."""
+    if limit > 0 and hasattr(getattr(model, "backbone", None), "granularity_maps"):
+        return granularity_pictures(model, images, limit)
     maps = sparsity_maps(model, images) if limit > 0 else None
     if maps is None:
         return []

@@ -5,7 +5,10 @@ model's token maps: Sparse DETR's updated tokens (red) and decoder cross-attenti
 polled tokens, the summed pool weights elsewhere). Every level of a map is upsampled to the
 image and the levels are averaged. Prints, per image, Sparse DETR's kept share per level and
 the share of the DAM-referenced tokens (the image's top kept-count tokens by DAM) it kept, or
-PnP-DETR's polled share.
+PnP-DETR's polled share. A detector on a DGE backbone (Mask R-CNN, Panoptic FPN) gets the
+granularity each region chose in the pictured blocks (red finest: 16 queries, yellow 4, blue
+coarsest: 1; PVT: the first block of every stage, DeiT: layers 1, 4, 8 and 12), with the
+image's backbone cost share beta and granularity shares over all blocks.
 
     python tools/visualize_sparsity.py --config out/x/config.yaml --checkpoint out/x/checkpoint.pth \
         --out out/x/sparsity [--num-images 4] [--ratio 0.1] [--opts k=v ...]
@@ -28,7 +31,8 @@ from detr_sparse.sparsity.sparse_detr import binarize_top, reference_correlation
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.visualize import denormalize, draw_detections, side_by_side, sparsity_maps, token_overlays  # noqa: E402
+from engine.visualize import (denormalize, draw_detections, grain_panel, side_by_side, sparsity_maps,  # noqa: E402
+                              token_overlays)
 
 
 def level_shares(kept: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> list[float]:
@@ -70,6 +74,27 @@ def visualize_batch(model, images, targets, class_names: list[str], threshold: f
     return rows
 
 
+@torch.no_grad()
+def visualize_dge_batch(model, images, targets, class_names: list[str], threshold: float) -> list[dict]:
+    """A detector on a DGE backbone: the detections, then the granularity of the backbone's
+    pictured blocks (red finest, yellow middle, blue coarsest), with each image's backbone
+    cost share beta and granularity shares over all blocks."""
+    predictions = model(images)
+    backbone = model.backbone
+    betas, grains = backbone.image_shares()
+    maps = backbone.granularity_maps()
+    rows = []
+    for i, (h, w) in enumerate(images.sizes.tolist()):
+        image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
+        prediction = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in predictions[i].items()}
+        panels = [grain_panel(image, choice[i], px) for _, choice, px in maps]
+        rows.append({"picture": side_by_side([draw_detections(image, prediction, class_names, threshold, targets[i]),
+                                              *panels]),
+                     "image_id": targets[i]["image_id"], "size": [h, w], "blocks": [m[0] for m in maps],
+                     "beta": betas[i].item(), "grains": grains[i].tolist()})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -84,8 +109,10 @@ def main(argv=None) -> list[dict]:
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data, "val")
     model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device)
-    if not hasattr(model, "token_maps"):
-        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr or pnp_detr config")
+    dge = hasattr(getattr(model, "backbone", None), "granularity_maps")
+    if not hasattr(model, "token_maps") and not dge:
+        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr or *_dge "
+                "backbone config")
     if args.ratio is not None:
         setattr(model, "rho" if hasattr(model, "rho") else "poll_ratio", args.ratio)
     if getattr(model, "rho", 1) <= 0:
@@ -97,12 +124,17 @@ def main(argv=None) -> list[dict]:
     rows = []
     for first in range(0, count, batch):
         images, targets = collate_fn([dataset[i] for i in range(first, min(first + batch, count))])
-        rows += visualize_batch(model, images.to(device), targets, list(dataset.cat_names),
-                                cfg.eval.vis_score_threshold)
+        draw = visualize_dge_batch if dge else visualize_batch
+        rows += draw(model, images.to(device), targets, list(dataset.cat_names), cfg.eval.vis_score_threshold)
     for i, row in enumerate(rows):
         row["path"] = str(out / f"sparsity_{i}.png")
         Image.fromarray(row.pop("picture").permute(1, 2, 0).numpy()).save(row["path"])
         head = f"{row['path']}: image {row['image_id']} {row['size'][0]}x{row['size'][1]}"
+        if "beta" in row:
+            finest, middle, coarsest = row["grains"]
+            print(f"{head} backbone cost share {row['beta']:.3f}, regions finest {finest:.3f} middle "
+                  f"{middle:.3f} coarsest {coarsest:.3f} (panels: {', '.join(row['blocks'])})")
+            continue
         if "polled" in row:
             print(f"{head} polled {row['polled']:.3f}")
             continue

@@ -47,20 +47,23 @@ class DGECost:
         self.sparse_train = sparse_train
         self.forced: tuple[float, ...] | None = None
         self.costs: list[dict] = []  # the last forward pass's, per stage
-        self.choices: list[Tensor] = []  # the last forward pass's options (B, Hr, Wr) per block, -1 in padding
+        # the last evaluation pass's options per block: (label, (B, Hr, Wr) with -1 in padding, region px)
+        self.choices: list[tuple[str, Tensor, int]] = []
 
     def dge_blocks(self, blocks, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
                    update: Callable[[nn.Module, Tensor, Tensor], Tensor],
-                   macs: Callable[[Tensor, Tensor], Tensor], embed_macs_per_token: float) -> Tensor:
-        """Run DGE blocks over tokens (B, N, C) on the grid; update(block, queries, map) is the
-        dense block's update of queries, macs(queries, tokens) a block's cost."""
+                   macs: Callable[[Tensor, Tensor], Tensor], embed_macs_per_token: float, stride: int,
+                   label: str) -> Tensor:
+        """Run DGE blocks over tokens (B, N, C) on the grid (tokens of `stride` px);
+        update(block, queries, map) is the dense block's update of queries, macs(queries,
+        tokens) a block's cost; `label` names the blocks in pictures ("{label} {i}")."""
         b, dim = tokens.shape[0], tokens.shape[-1]
         regions = region_validity(keep, grid, b, tokens.device)
         region_tokens = regions.flatten(1).sum(1).to(tokens.dtype) * REGION ** 2  # (B,)
         cost = {"static": region_tokens * embed_macs_per_token, "dynamic": 0.0, "dense": 0.0,
                 "grains": torch.zeros(len(SPLITS), device=tokens.device), "slots": regions.sum() * len(blocks)}
         sparse = not self.training or self.sparse_train
-        for block in blocks:
+        for i, block in enumerate(blocks):
             source = tokens if keep is None else tokens * keep.unsqueeze(-1)
             gates = grain_gates(block.router(source.view(b, *grid, dim)), regions, self.training, self.forced)
             # the router's linear layer is part of the cost, not of the dense reference
@@ -69,12 +72,27 @@ class DGECost:
             cost["dense"] = cost["dense"] + macs(region_tokens, region_tokens)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
             if not self.training:
-                self.choices.append(torch.where(regions, gates.argmax(-1), -1))
+                self.choices.append((f"{label} {i + 1}", torch.where(regions, gates.argmax(-1), -1),
+                                     stride * REGION))
             current = tokens
             tokens = dge_update(lambda q, t=current, blk=block: update(blk, q, t), tokens, grid, gates, regions,
                                 keep, sparse)
         self.costs.append(cost)
         return tokens
+
+    def granularity_maps(self) -> list[tuple[str, Tensor, int]]:
+        """The last evaluation pass's chosen granularity (0 finest, 1, 2 coarsest, -1 padding)
+        of the blocks worth a picture: (label, (B, Hr, Wr), region side in input pixels)."""
+        return [self.choices[i] for i in self.shown_blocks if i < len(self.choices)]
+
+    def image_shares(self) -> tuple[Tensor, Tensor]:
+        """The last evaluation pass per image: beta over the backbone (B,) and the share of
+        each granularity among the image's regions over all blocks (B, 3)."""
+        static = sum(c["static"] for c in self.costs)
+        beta = (static + sum(c["dynamic"] for c in self.costs)) / (static + sum(c["dense"] for c in self.costs))
+        counts = torch.stack([torch.stack([(choice == k).flatten(1).sum(1) for k in range(len(SPLITS))], 1)
+                              for _, choice, _ in self.choices]).sum(0).float()
+        return beta, counts / counts.sum(1, keepdim=True).clamp(min=1)
 
     def cost_shares(self) -> dict[str, Tensor]:
         """The last forward pass's cost relative to the dense backbone on the same regions:
@@ -135,6 +153,10 @@ class DGEPVTBackbone(DGECost, PVTBackbone):
         super().__init__(name.removesuffix("_dge"), *args, **kwargs)
         self.setup_dge([(block, _DIMS[i]) for i, stage in enumerate(self.stages) for block in stage.blocks],
                        budget, budget_weight, budget_scope, sparse_train)
+        firsts = [0]
+        for stage in self.stages[:-1]:
+            firsts.append(firsts[-1] + len(stage.blocks))
+        self.shown_blocks = firsts  # the first block of every stage
 
     def run_stage(self, stage: PVTStage, x: Tensor, valid: list[tuple[int, int]]):
         index = len(self.costs)
@@ -145,7 +167,7 @@ class DGEPVTBackbone(DGECost, PVTBackbone):
             stage.blocks, tokens, grid, keep,
             lambda block, q, t: block.forward_queries(q, t, grid, keep, key_mask),
             lambda q, n: block_macs(q, n, dim, hidden, sr),
-            stage.patch_embed.proj.in_channels * _PATCH[index] ** 2 * dim)
+            stage.patch_embed.proj.in_channels * _PATCH[index] ** 2 * dim, 4 * 2 ** index, f"stage {index + 1} block")
         return tokens, grid, keep
 
 
@@ -160,6 +182,8 @@ class DGEViTBackbone(DGECost, ViTBackbone):
         super().__init__(name.removesuffix("_dge"), *args, **kwargs)
         dim = self.conv_proj.out_channels
         self.setup_dge([(block, dim) for block in self.layers], budget, budget_weight, budget_scope, sparse_train)
+        depth = len(self.layers)  # the paper's pictures: layers 1, 4, 8 (of 12) and the last
+        self.shown_blocks = sorted({0, depth // 4, 2 * depth // 3, depth - 1})
 
     def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
                    key_mask: Tensor | None) -> Tensor:
@@ -168,4 +192,4 @@ class DGEViTBackbone(DGECost, ViTBackbone):
             list(self.layers), tokens, grid, keep,
             lambda block, q, t: block.forward_queries(q, t, key_mask),
             lambda q, n: block_macs(q, n, dim, 4 * dim),
-            3 * self.patch_size ** 2 * dim)
+            3 * self.patch_size ** 2 * dim, self.patch_size, "layer")

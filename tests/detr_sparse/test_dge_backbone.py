@@ -85,7 +85,8 @@ def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing(kind):
     if kind == "pvt":
         # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 16 x 8
         # regions (padded to 256 x 128 px); the others are wholly padding, chosen by nobody
-        first = choices[0][1]
+        label, first, region_px = choices[0][0], choices[0][1][1], choices[0][2]
+        assert label == "stage 1 block 1" and region_px == 16
         assert first.shape == (16, 8) and (first[:9, :4] >= 0).all()
         assert (first == -1).sum() == 16 * 8 - 9 * 4
 

@@ -204,3 +204,21 @@ def test_panoptic_fpn_trains_and_its_predictions_are_evaluated(tiny_coco, tmp_pa
         assert all(val.is_thing[label] for label in p["labels"].tolist())
     evaluator.update(preds, targets)
     assert 0.0 <= evaluator.summarize()["panoptic"]["PQ"] <= 1.0
+
+
+def test_a_dge_backbone_trains_with_its_budget_loss_and_predicts_each_image_at_its_size():
+    model = _model("model.backbone.name=pvt_t_dge").train()
+    images, targets = _padded_batch()
+    outputs = model(images, targets)
+    assert {"loss_budget", "dge_beta", "dge_beta_layers", "dge_grain1", "dge_grain2", "dge_grain4"} <= set(outputs)
+    assert outputs["dge_beta"] > 0.8  # routers start at the finest granularity
+    sum(v for k, v in outputs.items() if k.startswith("loss")).backward()
+    assert model.backbone.stages[0].blocks[0].router.gate.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        predictions = model(images)
+    for p, (h, w) in zip(predictions, images.sizes.tolist()):
+        assert p["masks"].shape[-2:] == (h, w)
+    # each image's regions only: the second image (90 x 70) is padded to 96 x 96 in the batch
+    label, choice, px = model.backbone.granularity_maps()[0]
+    assert (choice[1] >= 0).sum() == -(-90 // px) * -(-70 // px)

@@ -90,3 +90,17 @@ def test_trainer_evaluation_logs_sparsity_pictures(tiny_coco, tmp_path):
     prediction = events.Images("val/prediction_0")[-1]
     assert first.height == prediction.height and first.width == 2 * prediction.width + 4
 
+
+
+def test_grain_panel_tints_each_region_by_its_granularity_and_leaves_padding():
+    from engine.visualize import GRAIN_COLORS, grain_panel
+
+    image = torch.full((3, 20, 30), 100, dtype=torch.uint8)
+    choice = torch.tensor([[0, 2], [1, -1]])  # regions of 16 px; the image covers 2 x 2 of them partly
+    panel = grain_panel(image, choice, 16, alpha=1.0)
+    assert panel.shape == image.shape
+    assert panel[:, 5, 5].tolist() == list(GRAIN_COLORS[0])
+    assert panel[:, 5, 20].tolist() == list(GRAIN_COLORS[2])
+    assert panel[:, 18, 5].tolist() == list(GRAIN_COLORS[1])
+    assert panel[:, 18, 20].tolist() == [100, 100, 100]  # a padding region stays as it is
+    assert panel[:, 16, 5].tolist() == [255, 255, 255]  # the grid line between regions

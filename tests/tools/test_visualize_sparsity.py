@@ -49,3 +49,20 @@ def test_pnp_detr_poll_scores_and_density(tiny_coco, tmp_path, capsys):
         assert Image.open(row["path"]).size == (3 * w + 2 * GAP, h)  # detections | scores | density
         assert abs(row["polled"] - 0.5) < 0.1
     assert "polled 0." in capsys.readouterr().out
+
+
+def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, capsys):
+    opts = tiny_overrides(tiny_coco, tmp_path) + [
+        "model.name=mask_rcnn", "model.backbone.name=pvt_t_dge", "model.backbone.out_features=[res2,res3,res4,res5]",
+        "model.rcnn.fpn_channels=32", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
+        "model.rcnn.rpn_post_nms_top_n_test=50", "data.masks=true"]
+    rows = visualize_sparsity.main(["--num-images", "2", "--config", str(REPO / "configs/mask_rcnn_pvt_s.yaml"),
+                                    "--out", str(tmp_path / "pictures"), "--opts", *opts])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and all("backbone cost share" in line for line in lines)
+    for i, row in enumerate(rows):
+        h, w = row["size"]
+        # detections | the first block of each of the 4 stages
+        assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (5 * w + 4 * GAP, h)
+        assert row["blocks"][0] == "stage 1 block 1" and abs(sum(row["grains"]) - 1) < 1e-6
+        assert 0 < row["beta"] <= 1.1
