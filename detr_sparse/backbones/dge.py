@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                            query_counts, region_validity)
+                            query_counts, region_map, region_validity)
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
 from .vit import ViTBackbone
 
@@ -34,8 +34,6 @@ class DGECost:
     in padding cost nothing and count nowhere. `forced`: granularity shares (finest first)
     that replace the routers' choices, for benchmarks on random weights. `sparse_train`:
     train on the chosen queries only instead of the exact dense form."""
-
-    takes_sizes = True
 
     def setup_dge(self, blocks: list[tuple[nn.Module, int]], budget: float, budget_weight: float,
                   budget_scope: str, sparse_train: bool) -> None:
@@ -59,24 +57,27 @@ class DGECost:
         tokens) a block's cost; `label` names the blocks in pictures ("{label} {i}")."""
         b, dim = tokens.shape[0], tokens.shape[-1]
         regions = region_validity(keep, grid, b, tokens.device)
-        region_tokens = regions.flatten(1).sum(1).to(tokens.dtype) * REGION ** 2  # (B,)
-        cost = {"static": region_tokens * embed_macs_per_token, "dynamic": 0.0, "dense": 0.0,
+        # each image's tokens (the keys, the dense reference) and regions (the router's input)
+        image_tokens = torch.full((b,), grid[0] * grid[1], dtype=tokens.dtype, device=tokens.device) \
+            if keep is None else keep.sum(1).to(tokens.dtype)
+        image_regions = regions.flatten(1).sum(1).to(tokens.dtype)
+        cost = {"static": image_tokens * embed_macs_per_token, "dynamic": 0.0, "dense": 0.0,
                 "grains": torch.zeros(len(SPLITS), device=tokens.device), "slots": regions.sum() * len(blocks)}
         sparse = not self.training or self.sparse_train
         for i, block in enumerate(blocks):
-            source = tokens if keep is None else tokens * keep.unsqueeze(-1)
-            gates = grain_gates(block.router(source.view(b, *grid, dim)), regions, self.training, self.forced)
+            source = region_map(tokens, grid, keep)
+            gates = grain_gates(block.router(source), regions, self.training, self.forced)
             # the router's linear layer is part of the cost, not of the dense reference
-            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, regions), region_tokens) \
-                + region_tokens / REGION ** 2 * dim * len(SPLITS)
-            cost["dense"] = cost["dense"] + macs(region_tokens, region_tokens)
+            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, regions), image_tokens) \
+                + image_regions * dim * len(SPLITS)
+            cost["dense"] = cost["dense"] + macs(image_tokens, image_tokens)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
             if not self.training:
                 self.choices.append((f"{label} {i + 1}", torch.where(regions, gates.argmax(-1), -1),
                                      stride * REGION))
             current = tokens
             tokens = dge_update(lambda q, t=current, blk=block: update(blk, q, t), tokens, grid, gates, regions,
-                                keep, sparse)
+                                source, sparse)
         self.costs.append(cost)
         return tokens
 
@@ -143,10 +144,8 @@ class DGECost:
 
 
 class DGEPVTBackbone(DGECost, PVTBackbone):
-    """PVT v1 with DGE blocks (settings: DGECost). forward(x, sizes) as PVTBackbone's; the
-    input is padded to a multiple of 128 (32 x S) so every stage divides into regions."""
-
-    pad_multiple = 32 * REGION
+    """PVT v1 with DGE blocks (settings: DGECost). forward(x, sizes) as PVTBackbone's;
+    regions are S x S tokens of each stage from the top-left corner (16, 32, 64, 128 px)."""
 
     def __init__(self, name: str = "pvt_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
                  budget_scope: str = "backbone", sparse_train: bool = False, **kwargs):
@@ -172,10 +171,8 @@ class DGEPVTBackbone(DGECost, PVTBackbone):
 
 
 class DGEViTBackbone(DGECost, ViTBackbone):
-    """DeiT / ViT with DGE blocks (settings: DGECost) and ViTDet's simple pyramid. The input
-    is padded to a multiple of 64 (16 x S) so the token map divides into regions."""
-
-    pad_multiple = 16 * REGION
+    """DeiT / ViT with DGE blocks (settings: DGECost) and ViTDet's simple pyramid; regions
+    are S x S tokens (64 px) from the top-left corner."""
 
     def __init__(self, name: str = "deit_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
                  budget_scope: str = "backbone", sparse_train: bool = False, **kwargs):

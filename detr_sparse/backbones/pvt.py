@@ -163,6 +163,7 @@ class PVTBackbone(nn.Module):
     """
 
     pad_multiple = 32
+    takes_sizes = True  # a padded batch's image sizes: forward(x, sizes)
 
     def __init__(self, name: str = "pvt_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
                  pretrained: str = "", drop_path_rate: float = 0.1, freeze_at: int = -1,

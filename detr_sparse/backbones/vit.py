@@ -149,6 +149,7 @@ class ViTBackbone(nn.Module):
 
     patch_size = 16
     pad_multiple = 16
+    takes_sizes = True  # a padded batch's image sizes: forward(x, sizes)
 
     def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
                  pretrained: str = "", drop_path_rate: float = 0.1, out_channels: int = 256,

@@ -18,12 +18,16 @@ form (every granularity computed, the gate's one-hot mixing them) and the infere
 - `GrainRouter`: average pool over the regions, Linear(C, 3); the finest starts at p = 0.95.
 - `grain_gates`: straight-through Gumbel one-hots in training, argmax in evaluation, regions
   wholly in padding set to the coarsest (and counted nowhere).
+- `region_map`, `region_validity`: the map the regions cut (zero beyond the image, the last
+  regions completed with zeros when the grid is no multiple of S) and the regions that hold
+  image tokens.
 - `dge_update`: the block applied to the chosen queries, dense (training) or sparse.
 - `query_counts`, `block_macs`: the differentiable cost the budget loss constrains.
 
 Padding: tokens outside the image are zeroed before pooling (a region across the image
 border averages the image's tokens with zeros), so a region's queries depend only on the
-image, never on how much padding surrounds it.
+image, never on how much padding surrounds it; keys and values come from the map as it is,
+so the input needs no padding beyond the dense backbone's.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ GRAIN_NAMES = tuple(f"grain{REGION // n}" for n in SPLITS)  # by patch side: gra
 
 
 class GrainRouter(nn.Module):
-    """x_map (B, H, W, C), H and W multiples of S -> logits (B, H / S, W / S, 3)."""
+    """x_map (B, H, W, C) from `region_map` (H, W multiples of S) -> logits (B, H / S, W / S, 3)."""
 
     def __init__(self, dim: int, p_finest: float = 0.95):
         super().__init__()
@@ -66,14 +70,26 @@ class GrainRouter(nn.Module):
         return self.gate(pooled)
 
 
-def region_validity(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> Tensor:
-    """(B, H / S, W / S) True at the regions holding at least one image token; token_valid
-    (B or 1, H * W) or None (every token valid)."""
+def region_map(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> Tensor:
+    """x (B, N, C) on the grid (H, W) -> (B, Hr * S, Wr * S, C), Hr = ceil(H / S): the map
+    the regions cut, zero outside each image and in the bottom / right rows that complete
+    the last regions (a region across the image border averages the image with zeros)."""
+    b, _, c = x.shape
     h, w = grid
-    if token_valid is None:
-        return torch.ones(batch, h // REGION, w // REGION, dtype=torch.bool, device=device)
-    valid = token_valid.view(-1, h // REGION, REGION, w // REGION, REGION).any(4).any(2)
-    return valid.expand(batch, -1, -1)
+    if token_valid is not None:
+        x = x * token_valid.unsqueeze(-1)
+    return F.pad(x.view(b, h, w, c), (0, 0, 0, -w % REGION, 0, -h % REGION))
+
+
+def region_validity(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> Tensor:
+    """(B, Hr, Wr) True at the regions holding at least one image token; token_valid
+    (B, H * W) or None (every token valid)."""
+    h, w = grid
+    valid = torch.ones(batch, h, w, dtype=torch.bool, device=device) if token_valid is None \
+        else token_valid.view(batch, h, w)
+    valid = F.pad(valid, (0, -w % REGION, 0, -h % REGION))
+    hr, wr = valid.shape[1] // REGION, valid.shape[2] // REGION
+    return valid.view(batch, hr, REGION, wr, REGION).any(4).any(2)
 
 
 def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
@@ -131,25 +147,24 @@ def _per_query(region_values: Tensor, n: int) -> Tensor:
 
 
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
-               valid_regions: Tensor, token_valid: Tensor | None, sparse: bool) -> Tensor:
-    """x (B, N, C) on the grid (H, W) (multiples of S) -> (B, N, C): the DGE block.
+               valid_regions: Tensor, source: Tensor, sparse: bool) -> Tensor:
+    """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `source` is x's
+    `region_map`, whose regions the gates (B, Hr, Wr, 3) choose for.
 
     `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's update of raw queries
     against the keys / values of x. Dense form (training): every option's queries go
-    through the block (1.3125 N per image, one call, so stochastic depth drops a whole
-    sample) and the one-hot gates mix their changes, which gives the gates their gradient.
-    Sparse form (inference, optionally training): each image computes only the queries of
-    its chosen options, padded to the batch's largest count, and their changes, times the
-    chosen gate (1, with the straight-through gradient of the chosen option only, as the
-    paper's Eq. 6), are put back. Both give the same
-    map at the image tokens for the same gates; regions wholly in padding compute nothing in
-    the sparse form."""
+    through the block (1.3125 x the region tokens, one call, so stochastic depth drops a
+    whole sample) and the one-hot gates mix their changes, which gives the gates their
+    gradient. Sparse form (inference, optionally training): each image computes only the
+    queries of its chosen options, padded to the batch's largest count, and their changes,
+    times the chosen gate (1, with the straight-through gradient of the chosen option only,
+    as the paper's Eq. 6), are put back. Both give the same map at the image tokens for the
+    same gates; regions wholly in padding compute nothing in the sparse form."""
     b, n, c = x.shape
     h, w = grid
-    src = x if token_valid is None else x * token_valid.unsqueeze(-1)
-    pooled = [_pool(src.view(b, h, w, c), REGION // s) for s in SPLITS]
+    pooled = [_pool(source, REGION // s) for s in SPLITS]
     shapes = [p.shape[1:3] for p in pooled]
-    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = N (1 + 1/4 + 1/16)
+    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     if sparse:
         choice = gates.argmax(-1)
         chosen = torch.cat([_per_query((choice == k) & valid_regions, s).flatten(1)
@@ -162,13 +177,13 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         changes = scatter_tokens(torch.zeros_like(flat), kept, (block(queries) - queries) * gate.unsqueeze(-1))
     else:
         changes = block(flat) - flat
-    update = x.new_zeros(b, h, w, c)
+    update = torch.zeros_like(source)
     for k, (part, shape, s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
         part = part.view(b, *shape, c)
         if not sparse:
             part = part * _per_query(gates[..., k], s).unsqueeze(-1)
         update = update + _unpool(part, REGION // s)
-    return x + update.flatten(1, 2)
+    return x + update[:, :h, :w].reshape(b, n, c)
 
 
 def block_macs(queries: Tensor, tokens: float, dim: int, hidden: int, sr_ratio: int = 1) -> Tensor:

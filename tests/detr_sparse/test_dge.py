@@ -5,7 +5,7 @@ import torch
 
 from detr_sparse.backbones.pvt import PVTBlock
 from detr_sparse.sparsity.dge import (REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                                      query_counts, region_validity)
+                                      query_counts, region_map, region_validity)
 from engine.benchmark import count_flops
 
 GRID = (8, 12)  # 2 x 3 regions
@@ -18,7 +18,7 @@ def _block(sr: int = 2) -> PVTBlock:
 
 def _run(block, x, gates, valid_regions, token_valid=None, sparse=False, keep=None, key_mask=None):
     return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask), x, GRID, gates,
-                      valid_regions, token_valid, sparse)
+                      valid_regions, region_map(x, GRID, token_valid), sparse)
 
 
 def _gates(choice: torch.Tensor) -> torch.Tensor:
@@ -81,11 +81,11 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
         return block.forward_queries(q, x, GRID, token_valid, None)
 
     with torch.no_grad():
-        out = dge_update(block_fn, x, GRID, gates, valid, token_valid, sparse=True)
+        out = dge_update(block_fn, x, GRID, gates, valid, region_map(x, GRID, token_valid), sparse=True)
         # padding with other content gives the same image tokens
         noisy = torch.where(token_valid[..., None], x, 100 * torch.randn_like(x))
         again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None), noisy, GRID,
-                           gates, valid, token_valid, sparse=True)
+                           gates, valid, region_map(noisy, GRID, token_valid), sparse=True)
     assert seen == [96]  # image 0: 6 regions x 16; image 1: 4 x 16 (padded to 96)
     assert query_counts(gates, valid).tolist() == [96, 64]
     inside = token_valid[1]
@@ -119,3 +119,22 @@ def test_block_macs_are_what_the_flop_counter_counts_on_the_sparse_form(sr):
     counted = count_flops(Wrapped(), x).total * 1e9
     expected = block_macs(queries, GRID[0] * GRID[1], 32, 128, sr).item()
     assert abs(counted - expected) / expected < 1e-3, (counted, expected)
+
+
+def test_a_grid_that_is_no_multiple_of_the_region_completes_its_last_regions_with_zeros():
+    block = _block()
+    torch.manual_seed(3)
+    grid = (6, 9)  # 2 x 3 regions, the last row and column of regions partly outside the map
+    x = torch.randn(2, 54, 32)
+    valid = region_validity(None, grid, 2, x.device)
+    assert valid.shape == (2, 2, 3) and valid.all()
+    source = region_map(x, grid, None)
+    assert source.shape == (2, 8, 12, 32) and (source[:, 6:] == 0).all() and (source[:, :, 9:] == 0).all()
+    gates = _gates(torch.randint(0, 3, (2, 2, 3)))
+    with torch.no_grad():
+        outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid, gates, valid, source,
+                           sparse) for sparse in (False, True)]
+        finest = dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid,
+                            _gates(torch.zeros(2, 2, 3, dtype=torch.long)), valid, source, True)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(finest, block(x, grid, None, None), atol=1e-5, rtol=1e-5)

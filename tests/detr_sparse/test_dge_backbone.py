@@ -1,7 +1,5 @@
 """The DGE backbones (PVT, DeiT): dense parity, training form = inference form, padding,
 the budget loss and its MACs against the FLOP counter, dense weights loading."""
-import math
-
 import pytest
 import torch
 
@@ -83,12 +81,12 @@ def test_a_padded_batch_equals_each_image_alone_and_padding_costs_nothing(kind):
             h, w = -(-image.shape[1] // stride), -(-image.shape[2] // stride)
             torch.testing.assert_close(together[name][i, :, :h, :w], single[name][0], atol=1e-4, rtol=1e-4)
     if kind == "pvt":
-        # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 16 x 8
-        # regions (padded to 256 x 128 px); the others are wholly padding, chosen by nobody
+        # stage 1 (16 px regions): image 1 (140 x 60 px) covers 9 x 4 of the batch's 10 x 8
+        # regions (padded to 160 x 128 px); the others are wholly padding, chosen by nobody
         label, first, region_px = choices[0][0], choices[0][1][1], choices[0][2]
         assert label == "stage 1 block 1" and region_px == 16
-        assert first.shape == (16, 8) and (first[:9, :4] >= 0).all()
-        assert (first == -1).sum() == 16 * 8 - 9 * 4
+        assert first.shape == (10, 8) and (first[:9, :4] >= 0).all()
+        assert (first == -1).sum() == 10 * 8 - 9 * 4
 
 
 @pytest.mark.parametrize("kind", ["pvt", "deit"])
@@ -148,7 +146,7 @@ def test_build_backbone_builds_dge_with_its_settings():
     cfg.dge.budget, cfg.dge.budget_scope = 0.4, "dge_layers"
     backbone = build_backbone(cfg, ("res3", "res4"))
     assert isinstance(backbone, DGEPVTBackbone) and backbone.budget == 0.4
-    assert math.isclose(backbone.pad_multiple, 128)
+    assert backbone.pad_multiple == 32  # the dense PVT's: regions need no more
     with pytest.raises(ValueError, match="budget_scope"):
         DGEPVTBackbone("pvt_t_dge", budget_scope="layers")
 
