@@ -1,4 +1,4 @@
-"""Pretrain a ResNet backbone on the training set itself, for when no ImageNet weights are
+"""Pretrain a backbone (ResNet, PVT, ViT) on the training set itself, for when no ImageNet weights are
 available (offline machines, the synthetic data): every cell of the last feature map
 predicts the class of the smallest ground-truth box that contains its centre, or background
 (with a panoptic dataset: of the thing or stuff segment under its centre).
@@ -9,7 +9,9 @@ carry over: 99.6% on crops, 18% for a linear probe on the same objects in full i
     python tools/pretrain_backbone.py --config configs/detr_r18_synthetic.yaml \
         --out out/backbone_r18_synthetic.pth
 
-The weights are saved under torchvision's names; point `model.backbone.pretrained` at them.
+The weights are saved under torchvision's names (ResNet) or the backbone's own (PVT, ViT; a
+DGE backbone built on them loads them too, its routers fresh); point
+`model.backbone.pretrained` at them.
 """
 from __future__ import annotations
 
@@ -49,7 +51,9 @@ class DenseClassifier(nn.Module):
         self.head = nn.Conv2d(backbone.channels[self.name], num_classes + 1, kernel_size=1)
 
     def forward(self, images) -> torch.Tensor:
-        return self.head(self.backbone(images.tensors)[self.name])
+        # a transformer backbone that takes them sees each image's size in the padded batch
+        kwargs = {"sizes": images.sizes.tolist()} if getattr(self.backbone, "takes_sizes", False) else {}
+        return self.head(self.backbone(images.tensors, **kwargs)[self.name])
 
 
 def dense_labels(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int], stride: int,
@@ -134,7 +138,11 @@ def main(argv=None) -> Path:
                               tuple(bb_cfg.out_features))
     train_dense(DenseClassifier(backbone, dataset.num_classes), dataset, cfg, args.epochs,
                 args.batch, args.lr)
-    path = save_checkpoint(backbone.torchvision_state_dict(), args.out)
+    if hasattr(backbone, "torchvision_state_dict"):  # ResNet: torchvision's names
+        state = backbone.torchvision_state_dict()
+    else:  # PVT, ViT: our own names, which their loaders read as well (no detection-only layers)
+        state = {k: v for k, v in backbone.state_dict().items() if not backbone.fresh(k)}
+    path = save_checkpoint(state, args.out)
     log.info("wrote %s", path)
     return path
 

@@ -28,3 +28,19 @@ def test_a_frozen_bn_config_pretrains_batch_norm_and_loads_its_statistics(tiny_c
     # batch norm trained (statistics moved off their initial 0 / 1), whatever freeze_at says
     assert not torch.equal(after.stem[1].running_mean, before.stem[1].running_mean)
     assert not torch.equal(after.stages["res5"][0].conv1.weight, before.stages["res5"][0].conv1.weight)
+
+
+def test_a_pvt_pretrains_and_its_weights_load_into_the_dense_and_the_dge_backbone(tiny_coco, tmp_path):
+    from detr_sparse.backbones.dge import DGEPVTBackbone
+    from detr_sparse.backbones.pvt import PVTBackbone
+
+    out = tmp_path / "pvt.pth"
+    opts = tiny_overrides(tiny_coco, tmp_path) + ["model.backbone.name=pvt_t", "model.backbone.out_features=[res2,res3]"]
+    pretrain_backbone.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--out", str(out),
+                            "--epochs", "1", "--batch", "2", "--opts", *opts])
+    saved = torch.load(out, weights_only=True)
+    dense = PVTBackbone("pvt_t", out_features=("res2", "res3"), pretrained=str(out))
+    dge = DGEPVTBackbone("pvt_t_dge", out_features=("res2", "res3"), pretrained=str(out))
+    for key, value in saved.items():
+        assert torch.equal(dense.state_dict()[key], value) and torch.equal(dge.state_dict()[key], value)
+    assert abs(dge.stages[0].blocks[0].router.gate.bias.softmax(0)[0].item() - 0.95) < 1e-6
