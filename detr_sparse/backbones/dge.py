@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
                             query_counts, region_map, region_validity)
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
-from .vit import ViTBackbone
+from .vit import ViTBackbone, load_converted_state, read_state
 
 BUDGET_SCOPES = ("backbone", "dge_layers")
 
@@ -181,6 +181,29 @@ class DGEViTBackbone(DGECost, ViTBackbone):
         self.setup_dge([(block, dim) for block in self.layers], budget, budget_weight, budget_scope, sparse_train)
         depth = len(self.layers)  # the paper's pictures: layers 1, 4, 8 (of 12) and the last
         self.shown_blocks = sorted({0, depth // 4, 2 * depth // 3, depth - 1})
+
+    def load_pretrained(self, path: str) -> None:
+        """A dense DeiT / ViT state dict (timm or torchvision names; routers start fresh), or
+        the authors' released DGE DeiT (`deit_dge_s124_*`: separate q / kv projections, its
+        routers `blocks.i.dge.router.gate`, which load too)."""
+        what = "DeiT / ViT state dict of the same size (dense or the authors' DGE)"
+        state = dict(read_state(path, what))
+        for key in [k for k in state if k.endswith((".attn.q.weight", ".attn.q.bias"))]:
+            kv = key.replace(".attn.q.", ".attn.kv.")
+            if kv in state:  # the DGE blocks' q and kv projections are the fused qkv's rows
+                state[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat([state.pop(key), state.pop(kv)])
+        splits = [v for k, v in state.items() if k.endswith(".dge.splits")]
+        if any(v.tolist() != list(SPLITS) for v in splits):
+            raise ValueError(f"{path}: DGE splits {splits[0].tolist()}, this backbone's are {list(SPLITS)}")
+        routers = any(".dge.router." in k for k in state)
+        wanted = {k for k in self.state_dict() if not self.fresh(k) or (routers and ".router." in k)}
+        load_converted_state(self, path, wanted, self._from_checkpoint, what, state)
+
+    def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
+        if ".dge." in key:  # blocks.i.dge.router.gate.* (the splits were checked)
+            index, rest = key.removeprefix("blocks.").split(".dge.")
+            return (f"layers.encoder_layer_{index}.{rest}", value) if rest.startswith("router.") else None
+        return super()._from_checkpoint(key, value)
 
     def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
                    key_mask: Tensor | None) -> Tensor:

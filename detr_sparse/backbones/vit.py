@@ -60,16 +60,24 @@ def resize_pos_embed(pos: Tensor, size: tuple[int, int], mode: str = "bicubic") 
     return F.interpolate(grid, size=size, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
 
 
-def load_converted_state(module: nn.Module, path: str, wanted: set[str],
-                         convert: Callable[[str, Tensor], tuple[str, Tensor] | None], what: str) -> None:
-    """Load the state dict at `path` into `module`: `convert(key, value)` gives our (key,
-    value) or None for a checkpoint entry this backbone does not use (classifier, unbuilt
-    stages). Raises ValueError naming the `wanted` keys the file lacks and the file's keys
-    that are neither ours nor known to be unused; module keys not in `wanted` keep their
-    initialisation."""
+def read_state(path: str, what: str) -> dict[str, Tensor]:
+    """The state dict in the file at `path`, unwrapped from a training checkpoint's "model"
+    entry (DeiT's and DGE's released files are such checkpoints)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.backbone.pretrained: {path} not found ({what})")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"] if isinstance(state.get("model"), dict) else state
+
+
+def load_converted_state(module: nn.Module, path: str, wanted: set[str],
+                         convert: Callable[[str, Tensor], tuple[str, Tensor] | None], what: str,
+                         state: dict[str, Tensor] | None = None) -> None:
+    """Load the state dict at `path` (or `state`, read from it) into `module`: `convert(key,
+    value)` gives our (key, value) or None for a checkpoint entry this backbone does not use
+    (classifier, unbuilt stages). Raises ValueError naming the `wanted` keys the file lacks
+    and the file's keys that are neither ours nor known to be unused; module keys not in
+    `wanted` keep their initialisation."""
+    state = read_state(path, what) if state is None else state
     ours, unexpected = {}, []
     for key, value in state.items():
         converted = convert(key, value)

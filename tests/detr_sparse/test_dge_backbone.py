@@ -180,3 +180,37 @@ def test_dense_imagenet_weights_load_and_the_routers_start_fresh(kind, tmp_path)
         if not dense.fresh(key):
             torch.testing.assert_close(loaded[key], value)
     assert all(torch.equal(loaded[k], v) for k, v in router.items())
+
+
+def test_the_authors_released_dge_deit_checkpoint_loads_with_its_routers(tmp_path):
+    """Their keys: blocks.i.attn.q / attn.kv (not a fused qkv), blocks.i.dge.router.gate,
+    blocks.i.dge.splits, cls_token and a class-token position first, inside {"model": ...}."""
+    source, _ = _pair("deit")
+    for p in source.parameters():
+        p.data.normal_()
+    ours = source.state_dict()
+    c = source.conv_proj.out_channels
+    theirs = {"cls_token": torch.zeros(1, 1, c), "norm.weight": torch.ones(c), "head.weight": torch.zeros(1000, c),
+              "pos_embed": torch.cat([torch.zeros(1, 1, c), ours["pos_embedding"]], 1),
+              "patch_embed.proj.weight": ours["conv_proj.weight"], "patch_embed.proj.bias": ours["conv_proj.bias"]}
+    names = {"ln_1": "norm1", "ln_2": "norm2", "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2",
+             "self_attention.out_proj": "attn.proj", "router.gate": "dge.router.gate"}
+    for key, value in ours.items():
+        if not key.startswith("layers."):
+            continue
+        _, layer, rest = key.split(".", 2)
+        i = layer.removeprefix("encoder_layer_")
+        if rest.startswith("self_attention.in_proj_"):
+            kind = rest.removeprefix("self_attention.in_proj_")
+            theirs[f"blocks.{i}.attn.q.{kind}"], theirs[f"blocks.{i}.attn.kv.{kind}"] = value[:c], value[c:]
+            continue
+        prefix = next(p for p in names if rest.startswith(p))
+        theirs[f"blocks.{i}.{names[prefix]}{rest[len(prefix):]}"] = value
+        theirs[f"blocks.{i}.dge.splits"] = torch.tensor([4, 2, 1])
+    torch.save({"model": theirs, "epoch": 299}, tmp_path / "deit_dge.pth")
+    fresh = DGEViTBackbone("deit_t_dge", out_channels=32)
+    fresh.load_pretrained(str(tmp_path / "deit_dge.pth"))
+    loaded = fresh.state_dict()
+    for key, value in ours.items():
+        if not key.startswith(("rescale.", "project.")):
+            torch.testing.assert_close(loaded[key], value, msg=key)
