@@ -183,6 +183,7 @@ def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
     if is_thing is None and (model_cfg.panoptic.enabled or model_cfg.name == "panoptic_fpn"):
         num_classes = COCO_PANOPTIC_THINGS + COCO_PANOPTIC_STUFF
         is_thing = [i < COCO_PANOPTIC_THINGS for i in range(num_classes)]
+    torch.manual_seed(0)  # random weights (benchmarks, a tool without --checkpoint): the same every run
     model = build_model(model_cfg, num_classes, is_thing).to(device).eval()
     if checkpoint:
         load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)

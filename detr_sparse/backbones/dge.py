@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                            query_counts, region_map, region_validity)
+                            query_counts, region_layout, region_map)
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
 from .vit import ViTBackbone, load_converted_state, read_state
 
@@ -56,7 +56,8 @@ class DGECost:
         update(block, queries, map) is the dense block's update of queries, macs(queries,
         tokens) a block's cost; `label` names the blocks in pictures ("{label} {i}")."""
         b, dim = tokens.shape[0], tokens.shape[-1]
-        regions = region_validity(keep, grid, b, tokens.device)
+        layout = region_layout(keep, grid, b, tokens.device)
+        regions = layout.regions
         # each image's tokens (the keys, the dense reference) and regions (the router's input)
         image_tokens = torch.full((b,), grid[0] * grid[1], dtype=tokens.dtype, device=tokens.device) \
             if keep is None else keep.sum(1).to(tokens.dtype)
@@ -68,7 +69,7 @@ class DGECost:
             source = region_map(tokens, grid, keep)
             gates = grain_gates(block.router(source), regions, self.training, self.forced)
             # the router's linear layer is part of the cost, not of the dense reference
-            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, regions), image_tokens) \
+            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, layout), image_tokens) \
                 + image_regions * dim * len(SPLITS)
             cost["dense"] = cost["dense"] + macs(image_tokens, image_tokens)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
@@ -76,7 +77,7 @@ class DGECost:
                 self.choices.append((f"{label} {i + 1}", torch.where(regions, gates.argmax(-1), -1),
                                      stride * REGION))
             current = tokens
-            tokens = dge_update(lambda q, t=current, blk=block: update(blk, q, t), tokens, grid, gates, regions,
+            tokens = dge_update(lambda q, t=current, blk=block: update(blk, q, t), tokens, grid, gates, layout,
                                 source, sparse)
         self.costs.append(cost)
         return tokens

@@ -18,9 +18,9 @@ form (every granularity computed, the gate's one-hot mixing them) and the infere
 - `GrainRouter`: average pool over the regions, Linear(C, 3); the finest starts at p = 0.95.
 - `grain_gates`: straight-through Gumbel one-hots in training, argmax in evaluation, regions
   wholly in padding set to the coarsest (and counted nowhere).
-- `region_map`, `region_validity`: the map the regions cut (zero beyond the image, the last
-  regions completed with zeros when the grid is no multiple of S) and the regions that hold
-  image tokens.
+- `region_map`, `region_layout`: the map the regions cut (zero beyond the image, the last
+  regions completed with zeros when the grid is no multiple of S) and which regions and
+  patches hold image tokens (a query wholly in padding is never computed nor counted).
 - `dge_update`: the block applied to the chosen queries, dense (training) or sparse.
 - `query_counts`, `block_macs`: the differentiable cost the budget loss constrains.
 
@@ -32,6 +32,7 @@ so the input needs no padding beyond the dense backbone's.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -81,15 +82,32 @@ def region_map(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> 
     return F.pad(x.view(b, h, w, c), (0, 0, 0, -w % REGION, 0, -h % REGION))
 
 
-def region_validity(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> Tensor:
-    """(B, Hr, Wr) True at the regions holding at least one image token; token_valid
-    (B, H * W) or None (every token valid)."""
+@dataclass
+class RegionLayout:
+    """Where the image is, for one map: `regions` (B, Hr, Wr) True at the regions holding
+    image tokens; `patches[k]` (B, Hr * n_k, Wr * n_k) True at option k's patches holding
+    image tokens (the only queries computed); `queries` (B, Hr, Wr, 3) how many queries each
+    option gives each region (16 / 4 / 1 inside the image, fewer across its border)."""
+
+    regions: Tensor
+    patches: list[Tensor]
+    queries: Tensor
+
+
+def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> RegionLayout:
+    """The RegionLayout of a map (H, W); token_valid (B, H * W) or None (every token valid)."""
     h, w = grid
     valid = torch.ones(batch, h, w, dtype=torch.bool, device=device) if token_valid is None \
         else token_valid.view(batch, h, w)
     valid = F.pad(valid, (0, -w % REGION, 0, -h % REGION))
     hr, wr = valid.shape[1] // REGION, valid.shape[2] // REGION
-    return valid.view(batch, hr, REGION, wr, REGION).any(4).any(2)
+    patches, queries = [], []
+    for n in SPLITS:
+        side = REGION // n
+        patch = valid.view(batch, hr * n, side, wr * n, side).any(4).any(2)
+        patches.append(patch)
+        queries.append(patch.view(batch, hr, n, wr, n).sum((2, 4)))
+    return RegionLayout(patches[-1], patches, torch.stack(queries, -1))
 
 
 def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
@@ -118,11 +136,10 @@ def grain_gates(logits: Tensor, valid_regions: Tensor, training: bool,
     return torch.where(valid_regions[..., None], gates, coarsest)
 
 
-def query_counts(gates: Tensor, valid_regions: Tensor) -> Tensor:
-    """Queries per image (B,), differentiable through the straight-through gates: the sum
-    over the valid regions of the chosen option's query count (16 / 4 / 1)."""
-    per_option = torch.tensor([n * n for n in SPLITS], dtype=gates.dtype, device=gates.device)
-    return ((gates * per_option).sum(-1) * valid_regions).flatten(1).sum(1)
+def query_counts(gates: Tensor, layout: RegionLayout) -> Tensor:
+    """Queries per image (B,), differentiable through the straight-through gates: over the
+    regions, the chosen option's queries that hold image tokens (16 / 4 / 1 inside it)."""
+    return (gates * layout.queries).flatten(1).sum(1)
 
 
 def _pool(x_map: Tensor, side: int) -> Tensor:
@@ -147,7 +164,7 @@ def _per_query(region_values: Tensor, n: int) -> Tensor:
 
 
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
-               valid_regions: Tensor, source: Tensor, sparse: bool) -> Tensor:
+               layout: RegionLayout, source: Tensor, sparse: bool) -> Tensor:
     """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `source` is x's
     `region_map`, whose regions the gates (B, Hr, Wr, 3) choose for.
 
@@ -159,7 +176,7 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     queries of its chosen options, padded to the batch's largest count, and their changes,
     times the chosen gate (1, with the straight-through gradient of the chosen option only,
     as the paper's Eq. 6), are put back. Both give the same map at the image tokens for the
-    same gates; regions wholly in padding compute nothing in the sparse form."""
+    same gates; the sparse form computes no query wholly in padding."""
     b, n, c = x.shape
     h, w = grid
     pooled = [_pool(source, REGION // s) for s in SPLITS]
@@ -167,7 +184,7 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     if sparse:
         choice = gates.argmax(-1)
-        chosen = torch.cat([_per_query((choice == k) & valid_regions, s).flatten(1)
+        chosen = torch.cat([(_per_query(choice == k, s) & layout.patches[k]).flatten(1)
                             for k, s in enumerate(SPLITS)], 1)
         kept = kept_from_mask(chosen)
         queries = gather_tokens(flat, kept.index)

@@ -5,7 +5,7 @@ import torch
 
 from detr_sparse.backbones.pvt import PVTBlock
 from detr_sparse.sparsity.dge import (REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                                      query_counts, region_map, region_validity)
+                                      query_counts, region_layout, region_map)
 from engine.benchmark import count_flops
 
 GRID = (8, 12)  # 2 x 3 regions
@@ -16,9 +16,9 @@ def _block(sr: int = 2) -> PVTBlock:
     return PVTBlock(32, heads=2, mlp_ratio=4, sr_ratio=sr, drop_path=0.0).eval()
 
 
-def _run(block, x, gates, valid_regions, token_valid=None, sparse=False, keep=None, key_mask=None):
+def _run(block, x, gates, layout, token_valid=None, sparse=False, keep=None, key_mask=None):
     return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask), x, GRID, gates,
-                      valid_regions, region_map(x, GRID, token_valid), sparse)
+                      layout, region_map(x, GRID, token_valid), sparse)
 
 
 def _gates(choice: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,10 @@ def test_router_starts_at_the_finest_granularity_with_p_095():
 def test_the_finest_granularity_everywhere_is_the_dense_block(sr, sparse):
     block = _block(sr)
     x = torch.randn(2, GRID[0] * GRID[1], 32)
-    valid = region_validity(None, GRID, 2, x.device)
+    layout = region_layout(None, GRID, 2, x.device)
     gates = _gates(torch.zeros(2, 2, 3, dtype=torch.long))
     with torch.no_grad():
-        torch.testing.assert_close(_run(block, x, gates, valid, sparse=sparse), block(x, GRID, None, None),
+        torch.testing.assert_close(_run(block, x, gates, layout, sparse=sparse), block(x, GRID, None, None),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -49,11 +49,11 @@ def test_training_form_equals_inference_form_for_the_same_gates():
     block = _block()
     torch.manual_seed(1)
     x = torch.randn(2, GRID[0] * GRID[1], 32)
-    valid = region_validity(None, GRID, 2, x.device)
+    layout = region_layout(None, GRID, 2, x.device)
     gates = _gates(torch.randint(0, 3, (2, 2, 3)))
     assert gates[..., 2].any() and gates[..., 0].any()
     with torch.no_grad():
-        dense, sparse = _run(block, x, gates, valid), _run(block, x, gates, valid, sparse=True)
+        dense, sparse = _run(block, x, gates, layout), _run(block, x, gates, layout, sparse=True)
     torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-5)
     # a coarse region's tokens all moved by the same change
     region = torch.nonzero(gates[0, ..., 2])[0]
@@ -71,9 +71,9 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
     token_valid = torch.ones(2, *GRID, dtype=torch.bool)
     token_valid[1, 5:], token_valid[1, :, 6:] = False, False
     token_valid = token_valid.flatten(1)
-    valid = region_validity(token_valid, GRID, 2, x.device)
-    assert valid[1].tolist() == [[True, True, False], [True, True, False]]
-    gates = grain_gates(torch.zeros(2, 2, 3, 3), valid, training=False)  # argmax: the finest
+    layout = region_layout(token_valid, GRID, 2, x.device)
+    assert layout.regions[1].tolist() == [[True, True, False], [True, True, False]]
+    gates = grain_gates(torch.zeros(2, 2, 3, 3), layout.regions, training=False)  # argmax: the finest
     seen = []
 
     def block_fn(q):
@@ -81,13 +81,13 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
         return block.forward_queries(q, x, GRID, token_valid, None)
 
     with torch.no_grad():
-        out = dge_update(block_fn, x, GRID, gates, valid, region_map(x, GRID, token_valid), sparse=True)
+        out = dge_update(block_fn, x, GRID, gates, layout, region_map(x, GRID, token_valid), sparse=True)
         # padding with other content gives the same image tokens
         noisy = torch.where(token_valid[..., None], x, 100 * torch.randn_like(x))
         again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None), noisy, GRID,
-                           gates, valid, region_map(noisy, GRID, token_valid), sparse=True)
-    assert seen == [96]  # image 0: 6 regions x 16; image 1: 4 x 16 (padded to 96)
-    assert query_counts(gates, valid).tolist() == [96, 64]
+                           gates, layout, region_map(noisy, GRID, token_valid), sparse=True)
+    assert seen == [96]  # image 0: 6 regions x 16; image 1: its 30 tokens (padded to 96)
+    assert query_counts(gates, layout).tolist() == [96, 30]  # image 1: its 5 x 6 tokens only
     inside = token_valid[1]
     torch.testing.assert_close(again[1][inside], out[1][inside])
 
@@ -96,10 +96,10 @@ def test_query_count_gradient_reaches_the_router_through_the_straight_through_ga
     torch.manual_seed(0)
     router = GrainRouter(32)
     x_map = torch.randn(2, *GRID, 32)
-    valid = region_validity(None, GRID, 2, x_map.device)
-    gates = grain_gates(router(x_map), valid, training=True)
+    layout = region_layout(None, GRID, 2, x_map.device)
+    gates = grain_gates(router(x_map), layout.regions, training=True)
     assert ((gates == 0) | (gates == 1)).all() and (gates.sum(-1) == 1).all()
-    query_counts(gates, valid).sum().backward()
+    query_counts(gates, layout).sum().backward()
     assert router.gate.weight.grad.abs().sum() > 0
 
 
@@ -107,14 +107,14 @@ def test_query_count_gradient_reaches_the_router_through_the_straight_through_ga
 def test_block_macs_are_what_the_flop_counter_counts_on_the_sparse_form(sr):
     block = _block(sr)
     x = torch.randn(1, GRID[0] * GRID[1], 32)
-    valid = region_validity(None, GRID, 1, x.device)
+    layout = region_layout(None, GRID, 1, x.device)
     gates = _gates(torch.tensor([[[0, 1, 2], [2, 2, 1]]]))
-    queries = query_counts(gates, valid)
+    queries = query_counts(gates, layout)
     assert queries.item() == 16 + 4 + 1 + 1 + 1 + 4
 
     class Wrapped(torch.nn.Module):
         def forward(self, inputs):
-            return _run(block, inputs, gates, valid, sparse=True)
+            return _run(block, inputs, gates, layout, sparse=True)
 
     counted = count_flops(Wrapped(), x).total * 1e9
     expected = block_macs(queries, GRID[0] * GRID[1], 32, 128, sr).item()
@@ -126,15 +126,16 @@ def test_a_grid_that_is_no_multiple_of_the_region_completes_its_last_regions_wit
     torch.manual_seed(3)
     grid = (6, 9)  # 2 x 3 regions, the last row and column of regions partly outside the map
     x = torch.randn(2, 54, 32)
-    valid = region_validity(None, grid, 2, x.device)
-    assert valid.shape == (2, 2, 3) and valid.all()
+    layout = region_layout(None, grid, 2, x.device)
+    assert layout.regions.shape == (2, 2, 3) and layout.regions.all()
+    assert query_counts(_gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout).tolist() == [54, 54]
     source = region_map(x, grid, None)
     assert source.shape == (2, 8, 12, 32) and (source[:, 6:] == 0).all() and (source[:, :, 9:] == 0).all()
     gates = _gates(torch.randint(0, 3, (2, 2, 3)))
     with torch.no_grad():
-        outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid, gates, valid, source,
+        outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid, gates, layout, source,
                            sparse) for sparse in (False, True)]
         finest = dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid,
-                            _gates(torch.zeros(2, 2, 3, dtype=torch.long)), valid, source, True)
+                            _gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout, source, True)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(finest, block(x, grid, None, None), atol=1e-5, rtol=1e-5)

@@ -25,6 +25,6 @@ def test_tradeoff_over_poll_ratios(tiny_coco, tmp_path):
     rows = tradeoff.main(["--config", str(REPO / "configs/pnp_detr_r50.yaml"), "--ratio", "0.3", "1.0",
                           "--runs", "1", "--opts", *opts])
     assert rows[0]["gflops_transformer"] < rows[1]["gflops_transformer"]
-    # every token polled at 1.0; at 0.3 fewer, inside and outside the boxes
+    # every token polled at 1.0; at 0.3 fewer (a random model's need not be in the boxes)
     assert rows[1]["kept_in_boxes"] == rows[1]["kept_outside"] == 1.0
-    assert 0 < rows[0]["kept_in_boxes"] < 1 and 0 < rows[0]["kept_outside"] < 1
+    assert rows[0]["kept_in_boxes"] < 1 and 0 < rows[0]["kept_outside"] < 1

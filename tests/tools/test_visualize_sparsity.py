@@ -65,4 +65,4 @@ def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, ca
         # detections | the first block of each of the 4 stages
         assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (5 * w + 4 * GAP, h)
         assert row["blocks"][0] == "stage 1 block 1" and abs(sum(row["grains"]) - 1) < 1e-6
-        assert 0 < row["beta"] <= 1.1
+        assert 0 < row["beta"] <= 1.05  # no query wholly in padding is computed
