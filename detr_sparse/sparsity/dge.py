@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tokens import gather_tokens, kept_from_mask, scatter_tokens, straight_through_gates
+from .tokens import gather_tokens, kept_from_mask, straight_through_gates
 
 REGION = 4  # region side S, in tokens
 SPLITS = (4, 2, 1)  # queries per region side of each option, finest first (16 / 4 / 1 queries)
@@ -191,16 +191,34 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
         gate = gather_tokens(torch.cat([_per_query(gates[..., k], s).flatten(1) for k, s in enumerate(SPLITS)], 1),
                              kept.index)
-        changes = scatter_tokens(torch.zeros_like(flat), kept, (block(queries) - queries) * gate.unsqueeze(-1))
-    else:
-        changes = block(flat) - flat
+        changes = (block(queries) - queries) * gate.unsqueeze(-1)
+        # each image token takes the change of the one chosen query whose patch covers it:
+        # one gather, instead of un-pooling every option's map
+        slot = torch.full_like(chosen, kept.index.shape[1], dtype=torch.long)
+        slot.scatter_(1, kept.index, torch.where(kept.mask, torch.arange(kept.index.shape[1], device=x.device),
+                                                 kept.index.shape[1]))
+        position = _patch_positions(grid, shapes, x.device)  # (3, N): each token's patch, per option
+        owner = slot.gather(1, position[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
+                                        torch.arange(n, device=x.device)])
+        return x + gather_tokens(torch.cat([changes, changes.new_zeros(b, 1, c)], 1), owner)
+    changes = block(flat) - flat
     update = torch.zeros_like(source)
     for k, (part, shape, s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
-        part = part.view(b, *shape, c)
-        if not sparse:
-            part = part * _per_query(gates[..., k], s).unsqueeze(-1)
+        part = part.view(b, *shape, c) * _per_query(gates[..., k], s).unsqueeze(-1)
         update = update + _unpool(part, REGION // s)
     return x + update[:, :h, :w].reshape(b, n, c)
+
+
+def _patch_positions(grid: tuple[int, int], shapes: list, device) -> Tensor:
+    """(3, H * W): for each token of the grid, the position of the patch holding it among the
+    concatenated pooled maps of the three options (shapes: their (h_k, w_k))."""
+    h, w = grid
+    rows, cols = torch.arange(h, device=device)[:, None], torch.arange(w, device=device)[None, :]
+    offsets = [0]
+    for hh, ww in shapes[:-1]:
+        offsets.append(offsets[-1] + hh * ww)
+    return torch.stack([(offset + (rows // (REGION // s)) * ww + cols // (REGION // s)).flatten()
+                        for offset, (_, ww), s in zip(offsets, shapes, SPLITS)])
 
 
 def block_macs(queries: Tensor, tokens: float, dim: int, hidden: int, sr_ratio: int = 1) -> Tensor:
