@@ -7,6 +7,7 @@
     python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
     python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
         --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
+    python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -198,11 +199,52 @@ def msda_component(args) -> list[dict]:
     return rows
 
 
+def dge_component(args) -> list[dict]:
+    """Median seconds of a DGE backbone's training step (forward + backward of the maps'
+    sum and the budget loss) in its exact dense form and in the sparse form, against the
+    dense backbone, at a forced operating point (--dge-budget, default 0.5) on random input
+    of --size, --batch images: what decides the training form."""
+    from engine.benchmark import time_call
+    from detr_sparse.backbones import build_backbone
+    from engine.config import BackboneConfig
+
+    name = args.dge_backbone
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, *args.size)
+    dense = build_backbone(BackboneConfig(name=name.removesuffix("_dge")), ("res2", "res3", "res4", "res5"))
+    dge = build_backbone(BackboneConfig(name=name), ("res2", "res3", "res4", "res5"))
+    dge.force_budget(args.dge_budget or 0.5, x[:1])
+
+    def step(model):
+        model.train()
+        if hasattr(model, "forward_with_losses"):
+            maps, extra = model.forward_with_losses(x, [{}] * args.batch)
+            loss = extra["loss_budget"] + sum(m.float().mean() for m in maps.values())
+        else:
+            loss = sum(m.float().mean() for m in model(x).values())
+        loss.backward()
+
+    row = {"component": "dge_train", "backbone": name, "size": list(args.size), "batch": args.batch,
+           "forced": dge.forced}
+    row["dense_backbone_s"] = time_call(lambda: step(dense), args.runs, args.warmup)
+    for form, sparse in (("dense_form", False), ("sparse_form", True)):
+        dge.sparse_train = sparse
+        row[f"{form}_s"] = time_call(lambda: step(dge), args.runs, args.warmup)
+    row["beta"] = round(float(dge.cost_shares()["dge_beta"]), 4)
+    print("backbone | size | batch | beta | dense backbone s | DGE dense form s (x) | DGE sparse form s (x)")
+    print(f"{name} | {args.size[0]}x{args.size[1]} | {args.batch} | {row['beta']:.3f} | {row['dense_backbone_s']:.3f} | "
+          f"{row['dense_form_s']:.3f} ({row['dense_form_s'] / row['dense_backbone_s']:.2f}) | "
+          f"{row['sparse_form_s']:.3f} ({row['sparse_form_s'] / row['dense_backbone_s']:.2f})")
+    return [row]
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
-    p.add_argument("--component", choices=["msda"], help="time one component instead: msda = "
-                   "deformable attention sampling, fast kernel vs grid_sample reference")
+    p.add_argument("--component", choices=["msda", "dge_train"], help="time one component instead: msda = "
+                   "deformable attention sampling, fast kernel vs grid_sample reference; dge_train = a DGE "
+                   "backbone's training step, dense vs sparse form (--dge-backbone)")
+    p.add_argument("--dge-backbone", default="pvt_s_dge", help="--component dge_train: the backbone")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
@@ -229,7 +271,7 @@ def main(argv=None) -> list[dict]:
     if args.train_worker:
         return train_worker(args)
     if args.component:
-        rows = msda_component(args)
+        rows = (msda_component if args.component == "msda" else dge_component)(args)
     elif not args.config:
         p.error("--config is required (unless --component)")
     elif args.train:

@@ -109,3 +109,12 @@ def test_dge_backbone_at_a_forced_budget_against_its_dense_baseline(capsys):
     assert 0.45 < ratio < 0.56  # beta counts the backbone as the FLOP counter does
     assert dge["backbone_latency_s"] > 0
     assert "DGE beta" in capsys.readouterr().out
+
+
+def test_dge_training_forms_are_timed_against_the_dense_backbone(capsys):
+    rows = benchmark.main(["--component", "dge_train", "--dge-backbone", "pvt_t_dge", "--size", "64", "96",
+                           "--batch", "2", "--runs", "1", "--warmup", "0"])
+    row = rows[0]
+    assert row["dense_backbone_s"] > 0 and row["dense_form_s"] > 0 and row["sparse_form_s"] > 0
+    assert abs(row["beta"] - 0.5) < 0.1
+    assert "DGE sparse form" in capsys.readouterr().out
