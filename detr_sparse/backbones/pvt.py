@@ -13,16 +13,12 @@ from torchvision.ops import StochasticDepth
 
 from .swin import ChunkedMLP
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
-from .vit import load_converted_state, resize_pos_embed, valid_tokens
+from .vit import (load_converted_state, per_image_embedding, resize_pos_embed, token_sizes, valid_tokens,
+                  zero_outside)
 
 _DEPTHS = {"pvt_t": [2, 2, 2, 2], "pvt_s": [3, 4, 6, 3]}
 _DIMS, _HEADS, _MLP_RATIOS = [64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4]
 _SR_RATIOS, _PATCH = [8, 4, 2, 1], [4, 2, 2, 2]
-
-
-def _cover(valid: list[tuple[int, int]], stride: int) -> list[tuple[int, int]]:
-    """Each image's (h, w) in tokens of `stride` (a partly covered token counts)."""
-    return [(-(-h // stride), -(-w // stride)) for h, w in valid]
 
 
 class PatchEmbed(nn.Module):
@@ -119,23 +115,13 @@ class PVTStage(nn.Module):
         valid[i] tokens and the (B, 1, 1, keys) mask of the keys with some image in them
         (None: all)."""
         tokens, grid = self.patch_embed(x)
-        tokens = tokens + self.position_embedding(grid, valid)
+        # resized to each image's valid grid, not the padded one, so padding does not shift it
+        tokens = tokens + per_image_embedding(
+            lambda size: resize_pos_embed(self.pos_embed, size, mode="bilinear"), grid, valid)
         keep = valid_tokens(grid, valid, x.device)
         sr = self.sr_ratio
-        key_mask = valid_tokens((grid[0] // sr, grid[1] // sr), _cover(valid, sr), x.device)
+        key_mask = valid_tokens((grid[0] // sr, grid[1] // sr), token_sizes(valid, sr), x.device)
         return tokens, grid, keep, None if key_mask is None else key_mask[:, None, None, :]
-
-    def position_embedding(self, grid: tuple[int, int], valid: list[tuple[int, int]]) -> Tensor:
-        """(1 or B, h*w, C): resized to each image's valid grid, not the padded one, so that
-        padding does not shift it; zero outside."""
-        out = []
-        for size in dict.fromkeys(tuple(v) for v in valid):
-            pos = resize_pos_embed(self.pos_embed, size, mode="bilinear").view(1, *size, -1)
-            out.append(F.pad(pos, (0, 0, 0, grid[1] - size[1], 0, grid[0] - size[0])).flatten(1, 2))
-        if len(out) == 1:
-            return out[0]
-        index = {size: i for i, size in enumerate(dict.fromkeys(tuple(v) for v in valid))}
-        return torch.cat(out)[[index[tuple(v)] for v in valid]]
 
     def forward(self, x: Tensor, valid: list[tuple[int, int]]) -> tuple[Tensor, tuple[int, int], Tensor | None]:
         """-> tokens (B, h*w, C'), the grid (h, w), each image's valid-token mask or None."""
@@ -234,15 +220,12 @@ class PVTBackbone(nn.Module):
         """x (B, 3, H, W); sizes: each image's (h, w) inside x (a padded batch), or None when
         every image fills x. Inside each image the maps do not depend on the padding."""
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
-        sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
-        inside = valid_tokens((h, w), sizes, x.device)
-        if inside is not None:  # the patch embedding must see zeros beyond each image
-            x = x * inside.view(b, 1, h, w)
+        x, sizes = zero_outside(x, sizes)  # the patch embedding must see zeros beyond each image
         x = F.pad(x, (0, -w % self.pad_multiple, 0, -h % self.pad_multiple))
         out = OrderedDict()
         for name, stage in zip(LEVEL_NAMES, self.stages):
             stride = 4 * 2 ** LEVEL_NAMES.index(name)
-            tokens, grid, keep = self.run_stage(stage, x, _cover(sizes, stride))
+            tokens, grid, keep = self.run_stage(stage, x, token_sizes(sizes, stride))
             if name in self.norms:
                 out[name] = (self.norms[name](tokens).view(b, *grid, -1)[:, :-(-h // stride), :-(-w // stride)]
                              .permute(0, 3, 1, 2).contiguous())

@@ -51,6 +51,29 @@ def valid_tokens(grid: tuple[int, int], valid: list[tuple[int, int]], device) ->
     return (rows[:, :, None] & cols[:, None, :]).flatten(1)
 
 
+def token_sizes(sizes: list[tuple[int, int]], stride: int) -> list[tuple[int, int]]:
+    """Each image's (h, w) in tokens of `stride` (a partly covered token counts)."""
+    return [(-(-h // stride), -(-w // stride)) for h, w in sizes]
+
+
+def zero_outside(x: Tensor, sizes: list[tuple[int, int]] | None) -> tuple[Tensor, list[tuple[int, int]]]:
+    """x (B, C, H, W) with zeros beyond each image's top-left (h, w), and the sizes as
+    tuples (every image fills x when sizes is None): what a backbone sees of a padded batch."""
+    b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
+    inside = valid_tokens((h, w), sizes, x.device)
+    return (x if inside is None else x * inside.view(b, 1, h, w)), sizes
+
+
+def per_image_embedding(embedding, grid: tuple[int, int], valid: list[tuple[int, int]]) -> Tensor:
+    """(1 or B, h*w, C): embedding(size) (1, size_h * size_w, C) on each image's own valid
+    grid, zero beyond it, so that padding neither shifts nor stretches it."""
+    sizes = list(dict.fromkeys(tuple(v) for v in valid))
+    out = torch.cat([F.pad(embedding(size).view(1, *size, -1), (0, 0, 0, grid[1] - size[1], 0, grid[0] - size[0]))
+                     for size in sizes]).flatten(1, 2)
+    return out if len(sizes) == 1 else out[[sizes.index(tuple(v)) for v in valid]]
+
+
 def resize_pos_embed(pos: Tensor, size: tuple[int, int], mode: str = "bicubic") -> Tensor:
     """pos (1, S*S, C) learned on an S x S grid -> (1, h*w, C) for an h x w grid."""
     side = math.isqrt(pos.shape[1])
@@ -235,15 +258,10 @@ class ViTBackbone(nn.Module):
         (None when every image fills the grid)."""
         x = self.conv_proj(x)  # (B, C, ceil(H/16), ceil(W/16))
         grid = tuple(x.shape[-2:])
-        valid = [(-(-h // self.patch_size), -(-w // self.patch_size)) for h, w in sizes]
+        valid = token_sizes(sizes, self.patch_size)
         keep = valid_tokens(grid, valid, x.device)
-        tokens = x.flatten(2).transpose(1, 2)
-        if keep is None:
-            return tokens + self.position_embedding(grid), grid, None, None
-        # each image's embedding on its own grid: padding does not stretch it
-        pos = torch.cat([F.pad(self.position_embedding(v).view(1, *v, -1),
-                               (0, 0, 0, grid[1] - v[1], 0, grid[0] - v[0])) for v in valid])
-        return tokens + pos.flatten(1, 2), grid, keep, keep[:, None, None, :]
+        tokens = x.flatten(2).transpose(1, 2) + per_image_embedding(self.position_embedding, grid, valid)
+        return tokens, grid, keep, None if keep is None else keep[:, None, None, :]
 
     def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
                    key_mask: Tensor | None) -> Tensor:
@@ -256,10 +274,7 @@ class ViTBackbone(nn.Module):
         every image fills x. With sizes, each image's maps do not depend on the padding
         (its tokens attend to its own, the pyramid sees zeros beyond it)."""
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
-        sizes = [(h, w)] * b if sizes is None else [tuple(int(v) for v in s) for s in sizes]
-        inside = valid_tokens((h, w), sizes, x.device)
-        if inside is not None:
-            x = x * inside.view(b, 1, h, w)
+        x, sizes = zero_outside(x, sizes)
         pad = self.pad_multiple
         tokens, grid, keep, key_mask = self.embed(F.pad(x, (0, -w % pad, 0, -h % pad)), sizes)
         tokens = self.run_blocks(tokens, grid, keep, key_mask)
@@ -274,7 +289,7 @@ class ViTBackbone(nn.Module):
                 level = x.masked_fill(outside, float("-inf") if isinstance(self.rescale[n], nn.MaxPool2d) else 0.0)
             # cropped before the 3x3 convolution, which then zero-pads at the image border
             level = self.project[n][0](self.rescale[n](level)[..., : size[0], : size[1]])
-            mask = valid_tokens(size, [(-(-sh // stride), -(-sw // stride)) for sh, sw in sizes], x.device)
+            mask = valid_tokens(size, token_sizes(sizes, stride), x.device)
             if mask is not None:  # and at each image's border in a padded batch
                 level = torch.where(mask.view(b, 1, *size), level, 0.0)
             out[n] = self.project[n][1](level)
