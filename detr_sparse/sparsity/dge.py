@@ -15,7 +15,8 @@ each other, so a query's result does not depend on which other queries exist: th
 form (every granularity computed, the gate's one-hot mixing them) and the inference form
 (only the chosen queries, per image) agree.
 
-- `GrainRouter`: average pool over the regions, Linear(C, 3); the finest starts at p = 0.95.
+- `GrainRouter`: Linear(C, 3) on the region means; the finest starts at p = 0.95.
+- `grain_pools`: each option's queries, the average of the raw tokens of each patch.
 - `grain_gates`: straight-through Gumbel one-hots in training, argmax in evaluation, regions
   wholly in padding set to the coarsest (and counted nowhere).
 - `region_map`, `region_layout`: the map the regions cut (zero beyond the image, the last
@@ -47,7 +48,8 @@ GRAIN_NAMES = tuple(f"grain{REGION // n}" for n in SPLITS)  # by patch side: gra
 
 
 class GrainRouter(nn.Module):
-    """x_map (B, H, W, C) from `region_map` (H, W multiples of S) -> logits (B, H / S, W / S, 3)."""
+    """Region means (B, Hr, Wr, C) (`grain_pools(x_map)[-1]`, the coarsest option's queries)
+    -> logits (B, Hr, Wr, 3)."""
 
     def __init__(self, dim: int, p_finest: float = 0.95):
         super().__init__()
@@ -65,10 +67,8 @@ class GrainRouter(nn.Module):
         with torch.no_grad():
             self.gate.bias.copy_(torch.tensor([b] + [-b] * (k - 1)))
 
-    def forward(self, x_map: Tensor) -> Tensor:
-        b, h, w, c = x_map.shape
-        pooled = x_map.view(b, h // REGION, REGION, w // REGION, REGION, c).mean((2, 4))
-        return self.gate(pooled)
+    def forward(self, region_means: Tensor) -> Tensor:
+        return self.gate(region_means)
 
 
 def region_map(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> Tensor:
@@ -142,12 +142,13 @@ def query_counts(gates: Tensor, layout: RegionLayout) -> Tensor:
     return (gates * layout.queries).flatten(1).sum(1)
 
 
-def _pool(x_map: Tensor, side: int) -> Tensor:
-    """(B, H, W, C) -> (B, H / side, W / side, C): the mean of each side x side patch."""
-    if side == 1:
-        return x_map
-    b, h, w, c = x_map.shape
-    return x_map.view(b, h // side, side, w // side, side, c).mean((2, 4))
+def grain_pools(x_map: Tensor) -> list[Tensor]:
+    """x_map (B, H, W, C) from `region_map` -> each option's queries, finest first:
+    (B, H / p, W / p, C), the mean of each p x p patch (p = 1, 2, 4); the last holds the
+    region means the router reads. Pooled as a channels-last image: 10-40x faster on a CPU
+    than a mean over a strided view of the map."""
+    image = x_map.permute(0, 3, 1, 2)  # (B, C, H, W) in channels-last memory, no copy
+    return [x_map if n == REGION else F.avg_pool2d(image, REGION // n).permute(0, 2, 3, 1) for n in SPLITS]
 
 
 def _unpool(x_map: Tensor, side: int) -> Tensor:
@@ -164,45 +165,49 @@ def _per_query(region_values: Tensor, n: int) -> Tensor:
 
 
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
-               layout: RegionLayout, source: Tensor, sparse: bool) -> Tensor:
-    """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `source` is x's
-    `region_map`, whose regions the gates (B, Hr, Wr, 3) choose for.
+               layout: RegionLayout, pooled: list[Tensor], sparse: bool) -> Tensor:
+    """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `pooled` are the
+    `grain_pools` of x's `region_map`, whose regions the gates (B, Hr, Wr, 3) choose for.
 
     `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's update of raw queries
     against the keys / values of x. Dense form (training): every option's queries go
     through the block (1.3125 x the region tokens, one call, so stochastic depth drops a
     whole sample) and the one-hot gates mix their changes, which gives the gates their
-    gradient. Sparse form (inference, optionally training): each image computes only the
-    queries of its chosen options, padded to the batch's largest count, and their changes,
+    gradient. Sparse form (inference and training by default): each image computes only the
+    queries of its chosen options (each option's padded to the batch's largest count of it;
+    nothing is padded at batch 1), gathered from that option's map, and their changes,
     times the chosen gate (1, with the straight-through gradient of the chosen option only,
     as the paper's Eq. 6), are put back. Both give the same map at the image tokens for the
     same gates; the sparse form computes no query wholly in padding."""
     b, n, c = x.shape
     h, w = grid
-    pooled = [_pool(source, REGION // s) for s in SPLITS]
     shapes = [p.shape[1:3] for p in pooled]
-    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     if sparse:
         choice = gates.argmax(-1)
-        chosen = torch.cat([(_per_query(choice == k, s) & layout.patches[k]).flatten(1)
-                            for k, s in enumerate(SPLITS)], 1)
-        kept = kept_from_mask(chosen)
-        queries = gather_tokens(flat, kept.index)
-        # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
-        gate = gather_tokens(torch.cat([_per_query(gates[..., k], s).flatten(1) for k, s in enumerate(SPLITS)], 1),
-                             kept.index)
+        queries, gate, slots, width = [], [], [], 0
+        for k, s in enumerate(SPLITS):  # each option's chosen queries, gathered from its own map
+            kept = kept_from_mask((_per_query(choice == k, s) & layout.patches[k]).flatten(1))
+            queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
+            # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
+            gate.append(gather_tokens(_per_query(gates[..., k], s).flatten(1), kept.index))
+            # each patch's slot among the queries (-1: not computed)
+            slot = torch.arange(width, width + kept.index.shape[1], device=x.device).expand_as(kept.index)
+            slots.append(torch.full((b, shapes[k].numel()), -1, dtype=torch.long, device=x.device)
+                         .scatter_(1, kept.index, torch.where(kept.mask, slot, -1)))
+            width += kept.index.shape[1]
+        queries, gate = torch.cat(queries, 1), torch.cat(gate, 1)
         changes = (block(queries) - queries) * gate.unsqueeze(-1)
-        # each image token takes the change of the one chosen query whose patch covers it:
-        # one gather, instead of un-pooling every option's map
-        slot = torch.full_like(chosen, kept.index.shape[1], dtype=torch.long)
-        slot.scatter_(1, kept.index, torch.where(kept.mask, torch.arange(kept.index.shape[1], device=x.device),
-                                                 kept.index.shape[1]))
+        # each image token takes the change of the one chosen query whose patch covers it
+        # (one gather, instead of un-pooling every option's map); tokens beyond the image none
+        slots = torch.cat(slots, 1)
         position = _patch_positions(grid, shapes, x.device)  # (3, N): each token's patch, per option
-        owner = slot.gather(1, position[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
-                                        torch.arange(n, device=x.device)])
-        return x + gather_tokens(torch.cat([changes, changes.new_zeros(b, 1, c)], 1), owner)
+        owner = slots.gather(1, position[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
+                                         torch.arange(n, device=x.device)])
+        owner = owner.masked_fill(owner < 0, width)
+        return gather_tokens(torch.cat([changes, changes.new_zeros(b, 1, c)], 1), owner).add_(x)
+    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     changes = block(flat) - flat
-    update = torch.zeros_like(source)
+    update = torch.zeros_like(pooled[0])
     for k, (part, shape, s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
         part = part.view(b, *shape, c) * _per_query(gates[..., k], s).unsqueeze(-1)
         update = update + _unpool(part, REGION // s)

@@ -48,7 +48,7 @@ def test_finest_granularity_everywhere_equals_the_dense_backbone(kind, size):
 @pytest.mark.parametrize("kind", ["pvt", "deit"])
 def test_training_form_equals_inference_form_for_the_same_gates(kind):
     dge, _ = _pair(kind)
-    dge.forced = (0.4, 0.35, 0.25)
+    dge.forced, dge.sparse_train = (0.4, 0.35, 0.25), False  # the exact dense training form
     images = torch.randn(2, 3, 130, 200)
     with torch.no_grad():
         inference = dge(images)
@@ -123,9 +123,11 @@ def test_evaluation_is_deterministic_and_the_budget_loss_trains_the_routers():
     assert dge.stages[0].blocks[0].router.gate.weight.grad.abs().sum() > 0
 
 
-def test_a_training_step_lowers_the_loss():
+@pytest.mark.parametrize("sparse_train", [True, False])
+def test_a_training_step_lowers_the_loss(sparse_train):
     dge, _ = _pair()
     dge.train()
+    dge.sparse_train = sparse_train
     images = torch.randn(2, 3, 128, 128)
     optimizer = torch.optim.SGD(dge.parameters(), lr=0.05)
 
