@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                            grain_pools, query_counts, region_layout, region_map)
+                            grain_pools, query_counts, region_layout)
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
 from .vit import ViTBackbone, load_converted_state, read_state
 
@@ -69,7 +69,7 @@ class DGECost:
                 "grains": torch.zeros(len(SPLITS), device=tokens.device), "slots": regions.sum() * len(blocks)}
         sparse = not self.training or self.sparse_train
         for i, block in enumerate(blocks):
-            pooled = grain_pools(region_map(tokens, grid, keep))
+            pooled = grain_pools(tokens, grid, keep)
             gates = grain_gates(block.router(pooled[-1]), regions, self.training, self.forced)
             # the router's linear layer is part of the cost, not of the dense reference
             cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, layout), image_tokens) \

@@ -16,12 +16,12 @@ form (every granularity computed, the gate's one-hot mixing them) and the infere
 (only the chosen queries, per image) agree.
 
 - `GrainRouter`: Linear(C, 3) on the region means; the finest starts at p = 0.95.
-- `grain_pools`: each option's queries, the average of the raw tokens of each patch.
+- `grain_pools`: each option's queries, the average of the raw tokens of each patch (the
+  last regions, when the grid is no multiple of S, completed with zeros).
 - `grain_gates`: straight-through Gumbel one-hots in training, argmax in evaluation, regions
   wholly in padding set to the coarsest (and counted nowhere).
-- `region_map`, `region_layout`: the map the regions cut (zero beyond the image, the last
-  regions completed with zeros when the grid is no multiple of S) and which regions and
-  patches hold image tokens (a query wholly in padding is never computed nor counted).
+- `region_layout`: which regions and patches hold image tokens (a query wholly in padding
+  is never computed nor counted).
 - `dge_update`: the block applied to the chosen queries, dense (training) or sparse.
 - `query_counts`, `block_macs`: the differentiable cost the budget loss constrains.
 
@@ -48,7 +48,7 @@ GRAIN_NAMES = tuple(f"grain{REGION // n}" for n in SPLITS)  # by patch side: gra
 
 
 class GrainRouter(nn.Module):
-    """Region means (B, Hr, Wr, C) (`grain_pools(x_map)[-1]`, the coarsest option's queries)
+    """Region means (B, Hr, Wr, C) (`grain_pools(...)[-1]`, the coarsest option's queries)
     -> logits (B, Hr, Wr, 3)."""
 
     def __init__(self, dim: int, p_finest: float = 0.95):
@@ -71,23 +71,13 @@ class GrainRouter(nn.Module):
         return self.gate(region_means)
 
 
-def region_map(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> Tensor:
-    """x (B, N, C) on the grid (H, W) -> (B, Hr * S, Wr * S, C), Hr = ceil(H / S): the map
-    the regions cut, zero outside each image and in the bottom / right rows that complete
-    the last regions (a region across the image border averages the image with zeros)."""
-    b, _, c = x.shape
-    h, w = grid
-    if token_valid is not None:
-        x = x * token_valid.unsqueeze(-1)
-    return F.pad(x.view(b, h, w, c), (0, 0, 0, -w % REGION, 0, -h % REGION))
-
-
 @dataclass
 class RegionLayout:
-    """Where the image is, for one map: `regions` (B, Hr, Wr) True at the regions holding
-    image tokens; `patches[k]` (B, Hr * n_k, Wr * n_k) True at option k's patches holding
-    image tokens (the only queries computed); `queries` (B, Hr, Wr, 3) how many queries each
-    option gives each region (16 / 4 / 1 inside the image, fewer across its border)."""
+    """Where the image is, for one map (H, W), Hr = ceil(H / S): `regions` (B, Hr, Wr) True
+    at the regions holding image tokens; `patches[k]` (B, ceil(H / p_k), ceil(W / p_k)) True
+    at option k's patches (of side p_k = 1, 2, 4) holding image tokens (the only queries
+    computed); `queries` (B, Hr, Wr, 3) how many queries each option gives each region
+    (16 / 4 / 1 inside the image, fewer across its border)."""
 
     regions: Tensor
     patches: list[Tensor]
@@ -105,7 +95,7 @@ def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int,
     for n in SPLITS:
         side = REGION // n
         patch = valid.view(batch, hr * n, side, wr * n, side).any(4).any(2)
-        patches.append(patch)
+        patches.append(patch[:, :-(-h // side), :-(-w // side)])
         queries.append(patch.view(batch, hr, n, wr, n).sum((2, 4)))
     return RegionLayout(patches[-1], patches, torch.stack(queries, -1))
 
@@ -142,13 +132,20 @@ def query_counts(gates: Tensor, layout: RegionLayout) -> Tensor:
     return (gates * layout.queries).flatten(1).sum(1)
 
 
-def grain_pools(x_map: Tensor) -> list[Tensor]:
-    """x_map (B, H, W, C) from `region_map` -> each option's queries, finest first:
-    (B, H / p, W / p, C), the mean of each p x p patch (p = 1, 2, 4); the last holds the
-    region means the router reads. Pooled as a channels-last image: 10-40x faster on a CPU
-    than a mean over a strided view of the map."""
-    image = x_map.permute(0, 3, 1, 2)  # (B, C, H, W) in channels-last memory, no copy
-    return [x_map if n == REGION else F.avg_pool2d(image, REGION // n).permute(0, 2, 3, 1) for n in SPLITS]
+def grain_pools(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> list[Tensor]:
+    """x (B, N, C) on the grid (H, W) -> each option's queries, finest first: (B, ceil(H / p),
+    ceil(W / p), C), the mean of each p x p patch (p = 1, 2, 4), tokens outside the image
+    (token_valid (B, N) False) and beyond the grid counted as zeros; the last are the region
+    means the router reads. Pooled as a channels-last image (the tokens' view, no padded
+    copy): 10-40x faster on a CPU than a mean over a strided view of a padded map."""
+    b, _, c = x.shape
+    if token_valid is not None:
+        x = x * token_valid.unsqueeze(-1)
+    x_map = x.view(b, *grid, c)
+    image = x_map.permute(0, 3, 1, 2)  # (B, C, H, W) in channels-last memory
+    return [x_map if n == REGION else
+            F.avg_pool2d(image, REGION // n, ceil_mode=True, divisor_override=(REGION // n) ** 2).permute(0, 2, 3, 1)
+            for n in SPLITS]
 
 
 def _unpool(x_map: Tensor, side: int) -> Tensor:
@@ -166,8 +163,8 @@ def _per_query(region_values: Tensor, n: int) -> Tensor:
 
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
                layout: RegionLayout, pooled: list[Tensor], sparse: bool) -> Tensor:
-    """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `pooled` are the
-    `grain_pools` of x's `region_map`, whose regions the gates (B, Hr, Wr, 3) choose for.
+    """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `pooled` are x's
+    `grain_pools`, whose regions the gates (B, Hr, Wr, 3) choose for.
 
     `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's update of raw queries
     against the keys / values of x. Dense form (training): every option's queries go
@@ -186,10 +183,11 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         choice = gates.argmax(-1)
         queries, gate, slots, width = [], [], [], 0
         for k, s in enumerate(SPLITS):  # each option's chosen queries, gathered from its own map
-            kept = kept_from_mask((_per_query(choice == k, s) & layout.patches[k]).flatten(1))
+            hk, wk = shapes[k]
+            kept = kept_from_mask((_per_query(choice == k, s)[:, :hk, :wk] & layout.patches[k]).flatten(1))
             queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
             # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
-            gate.append(gather_tokens(_per_query(gates[..., k], s).flatten(1), kept.index))
+            gate.append(gather_tokens(_per_query(gates[..., k], s)[:, :hk, :wk].flatten(1), kept.index))
             # each patch's slot among the queries (-1: not computed)
             slot = torch.arange(width, width + kept.index.shape[1], device=x.device).expand_as(kept.index)
             slots.append(torch.full((b, shapes[k].numel()), -1, dtype=torch.long, device=x.device)
@@ -198,20 +196,20 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         queries, gate = torch.cat(queries, 1), torch.cat(gate, 1)
         changes = (block(queries) - queries) * gate.unsqueeze(-1)
         # each image token takes the change of the one chosen query whose patch covers it
-        # (one gather, instead of un-pooling every option's map); tokens beyond the image none
+        # (one gather, instead of un-pooling every option's map); a token outside the image
+        # has none and takes the first query's (any value does: the next block zeroes it)
         slots = torch.cat(slots, 1)
         position = _patch_positions(grid, shapes, x.device)  # (3, N): each token's patch, per option
         owner = slots.gather(1, position[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
                                          torch.arange(n, device=x.device)])
-        owner = owner.masked_fill(owner < 0, width)
-        return gather_tokens(torch.cat([changes, changes.new_zeros(b, 1, c)], 1), owner).add_(x)
+        return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
     flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     changes = block(flat) - flat
     update = torch.zeros_like(pooled[0])
-    for k, (part, shape, s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
-        part = part.view(b, *shape, c) * _per_query(gates[..., k], s).unsqueeze(-1)
-        update = update + _unpool(part, REGION // s)
-    return x + update[:, :h, :w].reshape(b, n, c)
+    for k, (part, (hk, wk), s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
+        part = part.view(b, hk, wk, c) * _per_query(gates[..., k], s)[:, :hk, :wk].unsqueeze(-1)
+        update = update + _unpool(part, REGION // s)[:, :h, :w]
+    return x + update.reshape(b, n, c)
 
 
 def _patch_positions(grid: tuple[int, int], shapes: list, device) -> Tensor:

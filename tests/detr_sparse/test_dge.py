@@ -5,7 +5,7 @@ import torch
 
 from detr_sparse.backbones.pvt import PVTBlock
 from detr_sparse.sparsity.dge import (REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
-                                      grain_pools, query_counts, region_layout, region_map)
+                                      grain_pools, query_counts, region_layout)
 from engine.benchmark import count_flops
 
 GRID = (8, 12)  # 2 x 3 regions
@@ -18,7 +18,7 @@ def _block(sr: int = 2) -> PVTBlock:
 
 def _run(block, x, gates, layout, token_valid=None, sparse=False, keep=None, key_mask=None):
     return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask), x, GRID, gates,
-                      layout, grain_pools(region_map(x, GRID, token_valid)), sparse)
+                      layout, grain_pools(x, GRID, token_valid), sparse)
 
 
 def _gates(choice: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _gates(choice: torch.Tensor) -> torch.Tensor:
 def test_router_starts_at_the_finest_granularity_with_p_095():
     torch.manual_seed(0)
     router = GrainRouter(64)
-    probs = router(grain_pools(torch.randn(2, 8, 12, 64))[-1]).softmax(-1)
+    probs = router(grain_pools(torch.randn(2, 96, 64), (8, 12), None)[-1]).softmax(-1)
     assert probs.shape == (2, 2, 3, 3)
     torch.testing.assert_close(probs[..., 0].mean(), torch.tensor(0.95), atol=5e-3, rtol=0)
 
@@ -81,12 +81,12 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
         return block.forward_queries(q, x, GRID, token_valid, None)
 
     with torch.no_grad():
-        out = dge_update(block_fn, x, GRID, gates, layout, grain_pools(region_map(x, GRID, token_valid)),
+        out = dge_update(block_fn, x, GRID, gates, layout, grain_pools(x, GRID, token_valid),
                          sparse=True)
         # padding with other content gives the same image tokens
         noisy = torch.where(token_valid[..., None], x, 100 * torch.randn_like(x))
         again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None), noisy, GRID,
-                           gates, layout, grain_pools(region_map(noisy, GRID, token_valid)), sparse=True)
+                           gates, layout, grain_pools(noisy, GRID, token_valid), sparse=True)
     assert seen == [96]  # image 0: 6 regions x 16; image 1: its 30 tokens (padded to 96)
     assert query_counts(gates, layout).tolist() == [96, 30]  # image 1: its 5 x 6 tokens only
     inside = token_valid[1]
@@ -94,20 +94,26 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
 
 
 def test_grain_pools_average_each_options_patches():
-    x_map = torch.randn(2, 8, 12, 16)
-    pools = grain_pools(x_map)
-    assert pools[0] is x_map and [p.shape[1:3] for p in pools] == [(8, 12), (4, 6), (2, 3)]
+    x = torch.randn(2, 96, 16)
+    x_map = x.view(2, 8, 12, 16)
+    pools = grain_pools(x, (8, 12), None)
+    assert [p.shape[1:3] for p in pools] == [(8, 12), (4, 6), (2, 3)] and pools[0].data_ptr() == x.data_ptr()
     torch.testing.assert_close(pools[1][1, 2, 3], x_map[1, 4:6, 6:8].mean((0, 1)))
     torch.testing.assert_close(pools[2][0, 1, 2], x_map[0, 4:8, 8:12].mean((0, 1)))
     assert all(p.is_contiguous() for p in pools)  # flattened into queries without a copy
+    # tokens outside the image count as zeros
+    valid = torch.ones(2, 8, 12, dtype=torch.bool)
+    valid[1, :, 5:] = False
+    torch.testing.assert_close(grain_pools(x, (8, 12), valid.flatten(1))[2][1, 0, 1],
+                               x_map[1, :4, 4:5].sum((0, 1)) / 16)
 
 
 def test_query_count_gradient_reaches_the_router_through_the_straight_through_gates():
     torch.manual_seed(0)
     router = GrainRouter(32)
-    x_map = torch.randn(2, *GRID, 32)
-    layout = region_layout(None, GRID, 2, x_map.device)
-    gates = grain_gates(router(grain_pools(x_map)[-1]), layout.regions, training=True)
+    x = torch.randn(2, GRID[0] * GRID[1], 32)
+    layout = region_layout(None, GRID, 2, x.device)
+    gates = grain_gates(router(grain_pools(x, GRID, None)[-1]), layout.regions, training=True)
     assert ((gates == 0) | (gates == 1)).all() and (gates.sum(-1) == 1).all()
     query_counts(gates, layout).sum().backward()
     assert router.gate.weight.grad.abs().sum() > 0
@@ -139,13 +145,14 @@ def test_a_grid_that_is_no_multiple_of_the_region_completes_its_last_regions_wit
     layout = region_layout(None, grid, 2, x.device)
     assert layout.regions.shape == (2, 2, 3) and layout.regions.all()
     assert query_counts(_gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout).tolist() == [54, 54]
-    source = region_map(x, grid, None)
-    assert source.shape == (2, 8, 12, 32) and (source[:, 6:] == 0).all() and (source[:, :, 9:] == 0).all()
+    pools = grain_pools(x, grid, None)
+    assert [p.shape[1:3] for p in pools] == [(6, 9), (3, 5), (2, 3)]
+    torch.testing.assert_close(pools[2][0, 1, 2], x.view(2, 6, 9, 32)[0, 4:, 8:].sum((0, 1)) / 16)  # zeros beyond
     gates = _gates(torch.randint(0, 3, (2, 2, 3)))
     with torch.no_grad():
         outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid, gates, layout,
-                           grain_pools(source), sparse) for sparse in (False, True)]
+                           pools, sparse) for sparse in (False, True)]
         finest = dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid,
-                            _gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout, grain_pools(source), True)
+                            _gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout, pools, True)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(finest, block(x, grid, None, None), atol=1e-5, rtol=1e-5)
