@@ -7,6 +7,8 @@
     python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
     python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
         --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
+    python tools/benchmark.py --config out/dense/config.yaml out/dge/config.yaml \
+        --checkpoint out/dense/checkpoint.pth out/dge/checkpoint.pth --image val.jpg   # one each
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
 
 With several configs, ratios against the first one are printed too (same process, same input).
@@ -63,10 +65,10 @@ def operating_point(backbone, args, inputs: ImageBatch) -> dict:
     return {"dge_forced": backbone.forced, **shares}
 
 
-def measure(cfg_path: str, args) -> dict:
+def measure(cfg_path: str, args, checkpoint: str = "") -> dict:
     cfg = load_config(cfg_path, args.opts)
     device = resolve_device(cfg.device)
-    model = build_eval_model(cfg.model, args.num_classes, args.checkpoint, device)
+    model = build_eval_model(cfg.model, args.num_classes, checkpoint, device)
     inputs = make_input(tuple(args.size), args.batch, args.image, device)
     backbone = getattr(model, "backbone", None)
     sparse = operating_point(backbone, args, inputs) if backbone is not None else {}
@@ -250,7 +252,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--image", default="", help="a real image instead of random input")
-    p.add_argument("--checkpoint", default="", help="weights to load (matter for sparse models)")
+    p.add_argument("--checkpoint", nargs="*", default=[], help="weights to load (matter for sparse models): "
+                   "one for every config, or one per config")
     p.add_argument("--dge-budget", type=float, default=0.0, help="DGE backbones: force the routers to the "
                    "finest / coarsest mix whose backbone cost share beta is this (random weights)")
     p.add_argument("--dge-shares", nargs=3, type=float, metavar=("FINEST", "MIDDLE", "COARSEST"),
@@ -277,7 +280,11 @@ def main(argv=None) -> list[dict]:
     elif args.train:
         rows = train_scaling(args)
     else:
-        rows = [measure(c, args) for c in args.config]
+        if len(args.checkpoint) not in (0, 1, len(args.config)):
+            p.error(f"--checkpoint: {len(args.checkpoint)} files for {len(args.config)} configs (give one or one each)")
+        checkpoints = args.checkpoint * len(args.config) if len(args.checkpoint) == 1 else \
+            args.checkpoint or [""] * len(args.config)
+        rows = [measure(c, args, w) for c, w in zip(args.config, checkpoints)]
         print_table(rows)
     if args.json:
         for r in rows:

@@ -118,3 +118,27 @@ def test_dge_training_forms_are_timed_against_the_dense_backbone(capsys):
     assert row["dense_backbone_s"] > 0 and row["dense_form_s"] > 0 and row["sparse_form_s"] > 0
     assert abs(row["beta"] - 0.5) < 0.1
     assert "DGE sparse form" in capsys.readouterr().out
+
+
+def test_each_config_takes_its_own_checkpoint(tmp_path, capsys):
+    import pytest
+
+    from engine.checkpoint import build_eval_model
+    from engine.config import load_config
+
+    configs = [str(REPO / f"configs/mask_rcnn_pvt_t{kind}_synthetic.yaml") for kind in ("", "_dge")]
+    opts = ["model.backbone.pretrained=''"]
+    paths = []
+    for i, config in enumerate(configs):
+        model = build_eval_model(load_config(config, opts).model, 91, "", torch.device("cpu"))
+        for name, value in model.state_dict().items():  # trained routers that choose the coarsest
+            if name.endswith("router.gate.bias"):
+                value.copy_(torch.tensor([-5.0, -5.0, 5.0]))
+        paths.append(tmp_path / f"{i}.pth")
+        torch.save({"model": model.state_dict()}, paths[-1])
+    rows = benchmark.main(["--config", *configs, "--checkpoint", *map(str, paths), "--size", "64", "96",
+                           "--runs", "1", "--warmup", "0", "--opts", *opts])
+    assert "dge_beta" not in rows[0] and rows[1]["dge_beta"] < 0.4  # the DGE model's own gates
+    with pytest.raises(SystemExit):
+        benchmark.main(["--config", *configs, "--checkpoint", *map(str, paths * 2), "--opts", *opts])
+    assert "4 files for 2 configs" in capsys.readouterr().err
