@@ -21,7 +21,7 @@ class DGEConfig:
     budget: float = 0.5  # gamma: the target cost share of the dense backbone
     budget_weight: float = 1.0  # lambda of the budget loss (beta - gamma)^2
     budget_scope: str = "backbone"  # backbone (patch embeddings + blocks) | dge_layers (blocks only)
-    sparse_train: bool = True  # train on the chosen queries only (2.3x faster here), not the exact dense form
+    sparse_train: bool = True  # train on the chosen queries only (2.1-2.4x faster here), not the exact dense form
 
 
 @dataclass

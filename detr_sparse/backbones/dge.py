@@ -33,7 +33,7 @@ class DGECost:
     choice) or over the DGE blocks only (the paper's Eq. 7); both are logged. Regions wholly
     in padding cost nothing and count nowhere. `forced`: granularity shares (finest first)
     that replace the routers' choices, for benchmarks on random weights. `sparse_train`:
-    train on the chosen queries only (the default: 2.3x faster than the exact dense form on
+    train on the chosen queries only (the default: 2.1-2.4x faster than the exact dense form on
     this project's CPU, `tools/benchmark.py --component dge_train`; the gradient of the chosen
     gate only, as the paper's Eq. 6) instead of the exact dense form (every option computed,
     every gate's straight-through gradient, as the authors' code)."""

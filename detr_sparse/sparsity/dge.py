@@ -77,11 +77,13 @@ class RegionLayout:
     at the regions holding image tokens; `patches[k]` (B, ceil(H / p_k), ceil(W / p_k)) True
     at option k's patches (of side p_k = 1, 2, 4) holding image tokens (the only queries
     computed); `queries` (B, Hr, Wr, 3) how many queries each option gives each region
-    (16 / 4 / 1 inside the image, fewer across its border)."""
+    (16 / 4 / 1 inside the image, fewer across its border); `positions` (3, H * W) each
+    token's patch per option, among the options' patches laid one after the other."""
 
     regions: Tensor
     patches: list[Tensor]
     queries: Tensor
+    positions: Tensor
 
 
 def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> RegionLayout:
@@ -97,7 +99,8 @@ def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int,
         patch = valid.view(batch, hr * n, side, wr * n, side).any(4).any(2)
         patches.append(patch[:, :-(-h // side), :-(-w // side)])
         queries.append(patch.view(batch, hr, n, wr, n).sum((2, 4)))
-    return RegionLayout(patches[-1], patches, torch.stack(queries, -1))
+    positions = _patch_positions(grid, [p.shape[1:] for p in patches], device)
+    return RegionLayout(patches[-1], patches, torch.stack(queries, -1), positions)
 
 
 def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
@@ -199,9 +202,8 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         # (one gather, instead of un-pooling every option's map); a token outside the image
         # has none and takes the first query's (any value does: the next block zeroes it)
         slots = torch.cat(slots, 1)
-        position = _patch_positions(grid, shapes, x.device)  # (3, N): each token's patch, per option
-        owner = slots.gather(1, position[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
-                                         torch.arange(n, device=x.device)])
+        owner = slots.gather(1, layout.positions[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
+                                                torch.arange(n, device=x.device)])
         return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
     flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
     changes = block(flat) - flat
