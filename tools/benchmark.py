@@ -10,6 +10,7 @@
     python tools/benchmark.py --config out/dense/config.yaml out/dge/config.yaml \
         --checkpoint out/dense/checkpoint.pth out/dge/checkpoint.pth --image val.jpg   # one each
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
+    python tools/benchmark.py --component gather    # the token core's row gather vs torch.gather
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -240,12 +241,42 @@ def dge_component(args) -> list[dict]:
     return [row]
 
 
+def gather_component(args) -> list[dict]:
+    """Median seconds of the token core's `gather_tokens` (whole rows by index_select)
+    against torch.gather with the index expanded over the channels, at the sizes of a DGE
+    put-back on PVT-S stages 1-3 at 800x1280 (every token takes one of ~0.45 N queries),
+    forward and forward + backward."""
+    from engine.benchmark import time_call
+    from detr_sparse.sparsity.tokens import gather_tokens
+
+    def reference(x, index):
+        return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+    rows = []
+    print("tokens | rows | channels | forward ours / torch.gather s | x | +backward ours / torch.gather s | x")
+    g = torch.Generator().manual_seed(0)
+    for n, c in ((64000, 64), (16000, 128), (4000, 320)):
+        q = int(0.45 * n)
+        values, index = torch.randn(args.batch, q, c, generator=g), torch.randint(0, q, (args.batch, n), generator=g)
+        row = {"component": "gather", "tokens": n, "rows": q, "channels": c, "batch": args.batch}
+        for name, fn in (("ours", gather_tokens), ("torch_gather", reference)):
+            row[f"forward_{name}_s"] = time_call(lambda: fn(values, index), args.runs, args.warmup)
+            leaf = values.clone().requires_grad_(True)
+            row[f"train_{name}_s"] = time_call(lambda: fn(leaf, index).sum().backward(), args.runs, args.warmup)
+        rows.append(row)
+        print(f"{n} | {q} | {c} | {row['forward_ours_s']:.4f} / {row['forward_torch_gather_s']:.4f} | "
+              f"{row['forward_torch_gather_s'] / row['forward_ours_s']:.1f} | {row['train_ours_s']:.4f} / "
+              f"{row['train_torch_gather_s']:.4f} | {row['train_torch_gather_s'] / row['train_ours_s']:.1f}")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
-    p.add_argument("--component", choices=["msda", "dge_train"], help="time one component instead: msda = "
+    p.add_argument("--component", choices=list(COMPONENTS), help="time one component instead: msda = "
                    "deformable attention sampling, fast kernel vs grid_sample reference; dge_train = a DGE "
-                   "backbone's training step, dense vs sparse form (--dge-backbone)")
+                   "backbone's training step, dense vs sparse form (--dge-backbone); gather = the token "
+                   "core's row gather vs torch.gather")
     p.add_argument("--dge-backbone", default="pvt_s_dge", help="--component dge_train: the backbone")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
@@ -274,7 +305,7 @@ def main(argv=None) -> list[dict]:
     if args.train_worker:
         return train_worker(args)
     if args.component:
-        rows = (msda_component if args.component == "msda" else dge_component)(args)
+        rows = COMPONENTS[args.component](args)
     elif not args.config:
         p.error("--config is required (unless --component)")
     elif args.train:
@@ -291,6 +322,8 @@ def main(argv=None) -> list[dict]:
             print(json.dumps(r))
     return rows
 
+
+COMPONENTS = {"msda": msda_component, "dge_train": dge_component, "gather": gather_component}
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,7 @@ class DGECost:
                    macs: Callable[[Tensor, Tensor], Tensor], embed_macs_per_token: float, stride: int,
                    label: str) -> Tensor:
         """Run DGE blocks over tokens (B, N, C) on the grid (tokens of `stride` px);
-        update(block, queries, map) is the dense block's update of queries, macs(queries,
+        update(block, queries, map) is the dense block's change of queries, macs(queries,
         tokens) a block's cost; `label` names the blocks in pictures ("{label} {i}")."""
         b, dim = tokens.shape[0], tokens.shape[-1]
         layout = region_layout(keep, grid, b, tokens.device)
@@ -168,7 +168,7 @@ class DGEPVTBackbone(DGECost, PVTBackbone):
         hidden, sr = dim * _MLP_RATIOS[index], _SR_RATIOS[index]
         tokens = self.dge_blocks(
             stage.blocks, tokens, grid, keep,
-            lambda block, q, t: block.forward_queries(q, t, grid, keep, key_mask),
+            lambda block, q, t: block.forward_queries(q, t, grid, keep, key_mask, change=True),
             lambda q, n: block_macs(q, n, dim, hidden, sr),
             stage.patch_embed.proj.in_channels * _PATCH[index] ** 2 * dim, 4 * 2 ** index, f"stage {index + 1} block")
         return tokens, grid, keep
@@ -214,6 +214,6 @@ class DGEViTBackbone(DGECost, ViTBackbone):
         dim = tokens.shape[-1]
         return self.dge_blocks(
             list(self.layers), tokens, grid, keep,
-            lambda block, q, t: block.forward_queries(q, t, key_mask),
+            lambda block, q, t: block.forward_queries(q, t, key_mask, change=True),
             lambda q, n: block_macs(q, n, dim, 4 * dim),
             3 * self.patch_size ** 2 * dim, self.patch_size, "layer")

@@ -84,13 +84,16 @@ class PVTBlock(nn.Module):
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward_queries(self, queries: Tensor, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
-                        key_mask: Tensor | None) -> Tensor:
+                        key_mask: Tensor | None, change: bool = False) -> Tensor:
         """The block's update of queries (B, Q, C) (raw, not normalised) attending to the
-        keys / values of the map x (B, N, C): queries = x is the plain block."""
+        keys / values of the map x (B, N, C): queries = x is the plain block. `change`:
+        return the queries' change (attention + MLP terms) instead of the updated queries."""
         normed = self.norm1(x)
         q = normed if queries is x else self.norm1(queries)
-        queries = queries + self.drop_path(self.attn.attend(q, self.attn.keys_values(normed, grid, keep), key_mask))
-        return queries + self.drop_path(self.mlp(self.norm2(queries)))
+        attended = self.drop_path(self.attn.attend(q, self.attn.keys_values(normed, grid, keep), key_mask))
+        moved = queries + attended
+        mlp = self.drop_path(self.mlp(self.norm2(moved)))
+        return attended + mlp if change else moved + mlp
 
     def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,
                 key_mask: Tensor | None) -> Tensor:

@@ -69,6 +69,8 @@ def per_image_embedding(embedding, grid: tuple[int, int], valid: list[tuple[int,
     """(1 or B, h*w, C): embedding(size) (1, size_h * size_w, C) on each image's own valid
     grid, zero beyond it, so that padding neither shifts nor stretches it."""
     sizes = list(dict.fromkeys(tuple(v) for v in valid))
+    if sizes == [tuple(grid)]:  # no padding: the embedding as it is (no copy)
+        return embedding(sizes[0])
     out = torch.cat([F.pad(embedding(size).view(1, *size, -1), (0, 0, 0, grid[1] - size[1], 0, grid[0] - size[0]))
                      for size in sizes]).flatten(1, 2)
     return out if len(sizes) == 1 else out[[sizes.index(tuple(v)) for v in valid]]
@@ -79,8 +81,8 @@ def resize_pos_embed(pos: Tensor, size: tuple[int, int], mode: str = "bicubic") 
     side = math.isqrt(pos.shape[1])
     if (side, side) == tuple(size):
         return pos
-    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    return F.interpolate(grid, size=size, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
+    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # channels-last memory: so is the output
+    return F.interpolate(grid, size=size, mode=mode, align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
 
 
 def read_state(path: str, what: str) -> dict[str, Tensor]:
@@ -142,11 +144,15 @@ class ViTBlock(EncoderBlock):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return attn.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], c))
 
-    def forward_queries(self, queries: Tensor, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """The block's update of raw queries (B, Q, C) attending to the map x (B, N, C)."""
+    def forward_queries(self, queries: Tensor, x: Tensor, key_mask: Tensor | None = None,
+                        change: bool = False) -> Tensor:
+        """The block's update of raw queries (B, Q, C) attending to the map x (B, N, C);
+        `change`: their change (attention + MLP terms) instead."""
         q = None if queries is x else self.ln_1(queries)
-        queries = queries + self.drop_path(self.attend(self.ln_1(x), q, key_mask))
-        return queries + self.drop_path(apply_in_chunks(self.mlp, self.ln_2(queries)))
+        attended = self.drop_path(self.attend(self.ln_1(x), q, key_mask))
+        moved = queries + attended
+        mlp = self.drop_path(apply_in_chunks(self.mlp, self.ln_2(moved)))
+        return attended + mlp if change else moved + mlp
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         return self.forward_queries(x, x, key_mask)

@@ -135,20 +135,41 @@ def query_counts(gates: Tensor, layout: RegionLayout) -> Tensor:
     return (gates * layout.queries).flatten(1).sum(1)
 
 
-def grain_pools(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> list[Tensor]:
-    """x (B, N, C) on the grid (H, W) -> each option's queries, finest first: (B, ceil(H / p),
-    ceil(W / p), C), the mean of each p x p patch (p = 1, 2, 4), tokens outside the image
-    (token_valid (B, N) False) and beyond the grid counted as zeros; the last are the region
-    means the router reads. Pooled as a channels-last image (the tokens' view, no padded
-    copy): 10-40x faster on a CPU than a mean over a strided view of a padded map."""
-    b, _, c = x.shape
-    if token_valid is not None:
-        x = x * token_valid.unsqueeze(-1)
-    x_map = x.view(b, *grid, c)
-    image = x_map.permute(0, 3, 1, 2)  # (B, C, H, W) in channels-last memory
-    return [x_map if n == REGION else
-            F.avg_pool2d(image, REGION // n, ceil_mode=True, divisor_override=(REGION // n) ** 2).permute(0, 2, 3, 1)
-            for n in SPLITS]
+class GrainPools:
+    """Each option's queries, finest first (`pools[k]`): (B, ceil(H / p), ceil(W / p), C), the
+    mean of each p x p patch (p = 1, 2, 4) of x (B, N, C) on the grid (H, W), tokens outside
+    the image (token_valid (B, N) False) and beyond the grid counted as zeros; `pools[-1]` are
+    the region means the router reads. An option's map is pooled when first asked for (the
+    sparse form skips an option no region chose), as a channels-last image (the tokens'
+    view, no padded copy): 10-40x faster on a CPU than a mean over a strided view of a
+    padded map."""
+
+    def __init__(self, x: Tensor, grid: tuple[int, int], token_valid: Tensor | None):
+        b, _, c = x.shape
+        if token_valid is not None:
+            x = x * token_valid.unsqueeze(-1)
+        self.x_map, self.grid = x.view(b, *grid, c), grid
+        self.maps: dict[int, Tensor] = {}
+
+    def shape(self, k: int) -> tuple[int, int]:
+        """Option k's map size (h_k, w_k)."""
+        side = REGION // SPLITS[k]
+        return -(-self.grid[0] // side), -(-self.grid[1] // side)
+
+    def __getitem__(self, k: int) -> Tensor:
+        if not -len(SPLITS) <= k < len(SPLITS):
+            raise IndexError(f"option {k} of {len(SPLITS)}")
+        k %= len(SPLITS)
+        if k not in self.maps:
+            side = REGION // SPLITS[k]
+            self.maps[k] = self.x_map if side == 1 else F.avg_pool2d(
+                self.x_map.permute(0, 3, 1, 2), side, ceil_mode=True, divisor_override=side ** 2).permute(0, 2, 3, 1)
+        return self.maps[k]
+
+
+def grain_pools(x: Tensor, grid: tuple[int, int], token_valid: Tensor | None) -> GrainPools:
+    """x's GrainPools (B, N, C) on the grid (H, W), token_valid (B, N) or None."""
+    return GrainPools(x, grid, token_valid)
 
 
 def _unpool(x_map: Tensor, side: int) -> Tensor:
@@ -165,15 +186,15 @@ def _per_query(region_values: Tensor, n: int) -> Tensor:
 
 
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
-               layout: RegionLayout, pooled: list[Tensor], sparse: bool) -> Tensor:
+               layout: RegionLayout, pooled: GrainPools, sparse: bool) -> Tensor:
     """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `pooled` are x's
     `grain_pools`, whose regions the gates (B, Hr, Wr, 3) choose for.
 
-    `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's update of raw queries
-    against the keys / values of x. Dense form (training): every option's queries go
-    through the block (1.3125 x the region tokens, one call, so stochastic depth drops a
-    whole sample) and the one-hot gates mix their changes, which gives the gates their
-    gradient. Sparse form (inference and training by default): each image computes only the
+    `block(queries (B, Q, C)) -> (B, Q, C)` is the dense block's change of raw queries (its
+    attention and MLP terms) against the keys / values of x. Dense form (training): every
+    option's queries go through the block (1.3125 x the region tokens, one call, so
+    stochastic depth drops a whole sample) and the one-hot gates mix their changes, which
+    gives the gates their gradient. Sparse form (inference and training by default): each image computes only the
     queries of its chosen options (each option's padded to the batch's largest count of it;
     nothing is padded at batch 1), gathered from that option's map, and their changes,
     times the chosen gate (1, with the straight-through gradient of the chosen option only,
@@ -181,23 +202,27 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     same gates; the sparse form computes no query wholly in padding."""
     b, n, c = x.shape
     h, w = grid
-    shapes = [p.shape[1:3] for p in pooled]
+    shapes = [pooled.shape(k) for k in range(len(SPLITS))]
     if sparse:
         choice = gates.argmax(-1)
+        with_gate = torch.is_grad_enabled() and gates.requires_grad
         queries, gate, slots, width = [], [], [], 0
         for k, s in enumerate(SPLITS):  # each option's chosen queries, gathered from its own map
             hk, wk = shapes[k]
             kept = kept_from_mask((_per_query(choice == k, s)[:, :hk, :wk] & layout.patches[k]).flatten(1))
-            queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
-            # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
-            gate.append(gather_tokens(_per_query(gates[..., k], s)[:, :hk, :wk].flatten(1), kept.index))
+            if kept.index.shape[1]:  # an option no region chose is not even pooled
+                queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
+            if with_gate and kept.index.shape[1]:
+                # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
+                gate.append(gather_tokens(_per_query(gates[..., k], s)[:, :hk, :wk].flatten(1), kept.index))
             # each patch's slot among the queries (-1: not computed)
             slot = torch.arange(width, width + kept.index.shape[1], device=x.device).expand_as(kept.index)
-            slots.append(torch.full((b, shapes[k].numel()), -1, dtype=torch.long, device=x.device)
+            slots.append(torch.full((b, hk * wk), -1, dtype=torch.long, device=x.device)
                          .scatter_(1, kept.index, torch.where(kept.mask, slot, -1)))
             width += kept.index.shape[1]
-        queries, gate = torch.cat(queries, 1), torch.cat(gate, 1)
-        changes = (block(queries) - queries) * gate.unsqueeze(-1)
+        changes = block(torch.cat(queries, 1))
+        if with_gate:
+            changes = changes * torch.cat(gate, 1).unsqueeze(-1)
         # each image token takes the change of the one chosen query whose patch covers it
         # (one gather, instead of un-pooling every option's map); a token outside the image
         # has none and takes the first query's (any value does: the next block zeroes it)
@@ -205,8 +230,8 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         owner = slots.gather(1, layout.positions[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
                                                 torch.arange(n, device=x.device)])
         return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
-    flat = torch.cat([p.flatten(1, 2) for p in pooled], 1)  # (B, M, C), M = 1.3125 x region tokens
-    changes = block(flat) - flat
+    flat = torch.cat([pooled[k].flatten(1, 2) for k in range(len(SPLITS))], 1)  # (B, M, C), M = 1.3125 x region tokens
+    changes = block(flat)
     update = torch.zeros_like(pooled[0])
     for k, (part, (hk, wk), s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
         part = part.view(b, hk, wk, c) * _per_query(gates[..., k], s)[:, :hk, :wk].unsqueeze(-1)

@@ -57,9 +57,13 @@ def kept_from_mask(mask: Tensor) -> KeptTokens:
     to the batch's largest count (the padding slots point at unselected positions)."""
     counts = mask.sum(1)
     k = int(counts.max()) if mask.numel() else 0
-    # a stable sort of ~mask lists the True positions first, in map order
-    index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :k]
     slots = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
+    # the padding slots point at the image's first unselected position (a full row has none)
+    index = (~mask).to(torch.uint8).argmax(1, keepdim=True).expand(-1, k).clone()
+    # nonzero lists the True positions row by row, in map order: 10x faster than sorting the
+    # mask on a CPU at DGE's sizes
+    rows, cols = mask.nonzero(as_tuple=True)
+    index[slots] = cols
     return KeptTokens(index, slots, counts)
 
 
@@ -73,9 +77,12 @@ def straight_through_gates(logits: Tensor, training: bool, tau: float = 1.0) -> 
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, S, ...) at index (B, K) -> (B, K, ...)."""
-    shape = index.shape + (1,) * (x.dim() - 2)
-    return x.gather(1, index.view(shape).expand(*index.shape, *x.shape[2:]))
+    """x (B, S, ...) at index (B, K) -> (B, K, ...). Whole rows by index_select over the
+    flattened batch: 3-9x faster on a CPU than torch.gather with an index expanded over the
+    channels (`tools/benchmark.py --component gather`)."""
+    b, k = index.shape
+    rows = (index + torch.arange(b, device=index.device)[:, None] * x.shape[1]).flatten()
+    return x.flatten(0, 1).index_select(0, rows).view(b, k, *x.shape[2:])
 
 
 def scatter_tokens(x: Tensor, kept: KeptTokens, values: Tensor) -> Tensor:

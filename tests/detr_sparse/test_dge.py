@@ -17,7 +17,7 @@ def _block(sr: int = 2) -> PVTBlock:
 
 
 def _run(block, x, gates, layout, token_valid=None, sparse=False, keep=None, key_mask=None):
-    return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask), x, GRID, gates,
+    return dge_update(lambda q: block.forward_queries(q, x, GRID, keep, key_mask, change=True), x, GRID, gates,
                       layout, grain_pools(x, GRID, token_valid), sparse)
 
 
@@ -78,14 +78,14 @@ def test_regions_wholly_in_padding_compute_nothing_and_padding_does_not_reach_th
 
     def block_fn(q):
         seen.append(q.shape[1])
-        return block.forward_queries(q, x, GRID, token_valid, None)
+        return block.forward_queries(q, x, GRID, token_valid, None, change=True)
 
     with torch.no_grad():
         out = dge_update(block_fn, x, GRID, gates, layout, grain_pools(x, GRID, token_valid),
                          sparse=True)
         # padding with other content gives the same image tokens
         noisy = torch.where(token_valid[..., None], x, 100 * torch.randn_like(x))
-        again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None), noisy, GRID,
+        again = dge_update(lambda q: block.forward_queries(q, noisy, GRID, token_valid, None, change=True), noisy, GRID,
                            gates, layout, grain_pools(noisy, GRID, token_valid), sparse=True)
     assert seen == [96]  # image 0: 6 regions x 16; image 1: its 30 tokens (padded to 96)
     assert query_counts(gates, layout).tolist() == [96, 30]  # image 1: its 5 x 6 tokens only
@@ -150,9 +150,9 @@ def test_a_grid_that_is_no_multiple_of_the_region_completes_its_last_regions_wit
     torch.testing.assert_close(pools[2][0, 1, 2], x.view(2, 6, 9, 32)[0, 4:, 8:].sum((0, 1)) / 16)  # zeros beyond
     gates = _gates(torch.randint(0, 3, (2, 2, 3)))
     with torch.no_grad():
-        outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid, gates, layout,
+        outs = [dge_update(lambda q: block.forward_queries(q, x, grid, None, None, change=True), x, grid, gates, layout,
                            pools, sparse) for sparse in (False, True)]
-        finest = dge_update(lambda q: block.forward_queries(q, x, grid, None, None), x, grid,
+        finest = dge_update(lambda q: block.forward_queries(q, x, grid, None, None, change=True), x, grid,
                             _gates(torch.zeros(2, 2, 3, dtype=torch.long)), layout, pools, True)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(finest, block(x, grid, None, None), atol=1e-5, rtol=1e-5)

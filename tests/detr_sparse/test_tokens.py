@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from detr_sparse.sparsity.tokens import (box_shares, gather_tokens, keep_counts, keep_statistics,
+from detr_sparse.sparsity.tokens import (box_shares, gather_tokens, keep_counts, keep_statistics, kept_from_mask,
                                          kept_in_boxes, scatter_tokens, select_top, token_centres)
 
 
@@ -52,6 +52,18 @@ def test_gather_then_scatter_is_identity_and_carries_gradients():
     expected = torch.zeros(2, 10)
     expected.scatter_(1, kept.index, kept.mask.float() * 2)
     torch.testing.assert_close(x.grad[..., 0], expected)
+
+
+def test_kept_from_mask_lists_each_images_positions_in_order_and_pads_with_unselected_ones():
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    kept = kept_from_mask(mask)
+    assert kept.counts.tolist() == [3, 1, 5, 0]
+    assert kept.mask.sum(1).tolist() == [3, 1, 5, 0]
+    assert kept.index[0, :3].tolist() == [1, 2, 4] and kept.index[1, :1].tolist() == [0]
+    assert kept.index[2].tolist() == [0, 1, 2, 3, 4]
+    # padding slots point at positions the image did not select
+    assert not mask.gather(1, kept.index)[~kept.mask].any()
+    assert torch.equal(kept.dense(5), mask)
 
 
 def test_keep_statistics_per_level():

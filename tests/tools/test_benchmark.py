@@ -120,6 +120,13 @@ def test_dge_training_forms_are_timed_against_the_dense_backbone(capsys):
     assert "DGE sparse form" in capsys.readouterr().out
 
 
+def test_gather_component_times_the_token_core_against_torch_gather(capsys):
+    rows = benchmark.main(["--component", "gather", "--runs", "1", "--warmup", "0"])
+    assert [(r["tokens"], r["channels"]) for r in rows] == [(64000, 64), (16000, 128), (4000, 320)]
+    assert all(r["forward_ours_s"] > 0 and r["train_torch_gather_s"] > 0 for r in rows)
+    assert "torch.gather" in capsys.readouterr().out
+
+
 def test_each_config_takes_its_own_checkpoint(tmp_path, capsys):
     import pytest
 
