@@ -65,16 +65,19 @@ class DGECost:
         image_tokens = torch.full((b,), grid[0] * grid[1], dtype=tokens.dtype, device=tokens.device) \
             if keep is None else keep.sum(1).to(tokens.dtype)
         image_regions = regions.flatten(1).sum(1).to(tokens.dtype)
-        cost = {"static": image_tokens * embed_macs_per_token, "dynamic": 0.0, "dense": 0.0,
+        cost = {"static": image_tokens * embed_macs_per_token,
                 "grains": torch.zeros(len(SPLITS), device=tokens.device), "slots": regions.sum() * len(blocks)}
         sparse = not self.training or self.sparse_train
+        # a block's cost is affine in its query count: static + per_query * queries; the
+        # router's linear layer is part of the cost, not of the dense reference
+        static = macs(torch.zeros_like(image_tokens), image_tokens)
+        per_query = macs(torch.ones_like(image_tokens), image_tokens) - static
+        cost["dense"] = len(blocks) * (static + per_query * image_tokens)
+        cost["dynamic"] = len(blocks) * (static + image_regions * dim * len(SPLITS))
         for i, block in enumerate(blocks):
             pooled = grain_pools(tokens, grid, keep)
             gates = grain_gates(block.router(pooled[-1]), regions, self.training, self.forced)
-            # the router's linear layer is part of the cost, not of the dense reference
-            cost["dynamic"] = cost["dynamic"] + macs(query_counts(gates, layout), image_tokens) \
-                + image_regions * dim * len(SPLITS)
-            cost["dense"] = cost["dense"] + macs(image_tokens, image_tokens)
+            cost["dynamic"] = cost["dynamic"] + per_query * query_counts(gates, layout)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
             if not self.training:
                 self.choices.append((f"{label} {i + 1}", torch.where(regions, gates.argmax(-1), -1),

@@ -32,6 +32,7 @@ so the input needs no padding beyond the dense backbone's.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -78,19 +79,40 @@ class RegionLayout:
     at option k's patches (of side p_k = 1, 2, 4) holding image tokens (the only queries
     computed); `queries` (B, Hr, Wr, 3) how many queries each option gives each region
     (16 / 4 / 1 inside the image, fewer across its border); `positions` (3, H * W) each
-    token's patch per option, among the options' patches laid one after the other."""
+    token's patch per option, among the options' patches laid one after the other;
+    `query_regions[k]` (h_k * w_k,) the region (flat index) of each of option k's queries and
+    `token_regions` (H * W,) each token's: a region's choice spread by one indexing."""
 
     regions: Tensor
     patches: list[Tensor]
     queries: Tensor
     positions: Tensor
+    query_regions: list[Tensor]
+    token_regions: Tensor
 
 
 def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> RegionLayout:
-    """The RegionLayout of a map (H, W); token_valid (B, H * W) or None (every token valid)."""
+    """The RegionLayout of a map (H, W); token_valid (B, H * W): each image's top-left
+    rectangle of valid tokens (as the backbones make it), or None (every token valid). The
+    layout of each set of image sizes is kept: its ~40 small operations are a noticeable
+    share of a small image's pass."""
     h, w = grid
-    valid = torch.ones(batch, h, w, dtype=torch.bool, device=device) if token_valid is None \
-        else token_valid.view(batch, h, w)
+    if token_valid is None:
+        sizes = ((h, w),) * batch
+    else:
+        valid = token_valid.view(batch, h, w)
+        sizes = tuple(zip(valid[:, :, 0].sum(1).tolist(), valid[:, 0, :].sum(1).tolist()))
+    return _layout(tuple(grid), sizes, torch.device(device), torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(grid: tuple[int, int], sizes: tuple[tuple[int, int], ...], device: torch.device,
+            inference: bool) -> RegionLayout:
+    h, w = grid
+    batch = len(sizes)
+    bounds = torch.tensor(sizes, device=device).view(batch, 2, 1, 1)
+    valid = (torch.arange(h, device=device).view(1, h, 1) < bounds[:, 0]) \
+        & (torch.arange(w, device=device).view(1, 1, w) < bounds[:, 1])
     valid = F.pad(valid, (0, -w % REGION, 0, -h % REGION))
     hr, wr = valid.shape[1] // REGION, valid.shape[2] // REGION
     patches, queries = [], []
@@ -100,7 +122,14 @@ def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int,
         patches.append(patch[:, :-(-h // side), :-(-w // side)])
         queries.append(patch.view(batch, hr, n, wr, n).sum((2, 4)))
     positions = _patch_positions(grid, [p.shape[1:] for p in patches], device)
-    return RegionLayout(patches[-1], patches, torch.stack(queries, -1), positions)
+
+    def regions_of(rows: int, cols: int, per_region: int) -> Tensor:
+        r = torch.arange(rows, device=device) // per_region
+        return (r[:, None] * wr + torch.arange(cols, device=device)[None, :] // per_region).flatten()
+
+    query_regions = [regions_of(*p.shape[1:], n) for p, n in zip(patches, SPLITS)]
+    return RegionLayout(patches[-1], patches, torch.stack(queries, -1), positions, query_regions,
+                        regions_of(h, w, REGION))
 
 
 def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
@@ -125,8 +154,7 @@ def grain_gates(logits: Tensor, valid_regions: Tensor, training: bool,
         gates = F.one_hot(forced_choice(valid_regions, forced), len(SPLITS)).to(logits.dtype)
     else:
         gates = straight_through_gates(logits, training)
-    coarsest = F.one_hot(torch.tensor(len(SPLITS) - 1, device=logits.device), len(SPLITS)).to(gates.dtype)
-    return torch.where(valid_regions[..., None], gates, coarsest)
+    return torch.where(valid_regions[..., None], gates, gates.new_tensor([0.0] * (len(SPLITS) - 1) + [1.0]))
 
 
 def query_counts(gates: Tensor, layout: RegionLayout) -> Tensor:
@@ -180,11 +208,6 @@ def _unpool(x_map: Tensor, side: int) -> Tensor:
     return x_map[:, :, None, :, None].expand(b, h, side, w, side, c).reshape(b, h * side, w * side, c)
 
 
-def _per_query(region_values: Tensor, n: int) -> Tensor:
-    """(B, Hr, Wr, ...) -> (B, Hr * n, Wr * n, ...): each region's value at its n x n queries."""
-    return region_values.repeat_interleave(n, 1).repeat_interleave(n, 2)
-
-
 def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, int], gates: Tensor,
                layout: RegionLayout, pooled: GrainPools, sparse: bool) -> Tensor:
     """x (B, N, C) on the grid (H, W) -> (B, N, C): the DGE block. `pooled` are x's
@@ -204,22 +227,23 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     h, w = grid
     shapes = [pooled.shape(k) for k in range(len(SPLITS))]
     if sparse:
-        choice = gates.argmax(-1)
+        choice = gates.argmax(-1).flatten(1)  # (B, regions)
         with_gate = torch.is_grad_enabled() and gates.requires_grad
         queries, gate, slots, width = [], [], [], 0
-        for k, s in enumerate(SPLITS):  # each option's chosen queries, gathered from its own map
-            hk, wk = shapes[k]
-            kept = kept_from_mask((_per_query(choice == k, s)[:, :hk, :wk] & layout.patches[k]).flatten(1))
-            if kept.index.shape[1]:  # an option no region chose is not even pooled
+        for k, ((hk, wk), regions) in enumerate(zip(shapes, layout.query_regions)):
+            # each option's chosen queries, gathered from its own map (one not chosen is not pooled)
+            kept = kept_from_mask((choice[:, regions] == k) & layout.patches[k].flatten(1))
+            count = kept.index.shape[1]
+            if count:
                 queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
-            if with_gate and kept.index.shape[1]:
+            if count and with_gate:
                 # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
-                gate.append(gather_tokens(_per_query(gates[..., k], s)[:, :hk, :wk].flatten(1), kept.index))
+                gate.append(gather_tokens(gates[..., k].flatten(1)[:, regions], kept.index))
             # each patch's slot among the queries (-1: not computed)
-            slot = torch.arange(width, width + kept.index.shape[1], device=x.device).expand_as(kept.index)
+            slot = torch.arange(width, width + count, device=x.device).expand_as(kept.index)
             slots.append(torch.full((b, hk * wk), -1, dtype=torch.long, device=x.device)
                          .scatter_(1, kept.index, torch.where(kept.mask, slot, -1)))
-            width += kept.index.shape[1]
+            width += count
         changes = block(torch.cat(queries, 1))
         if with_gate:
             changes = changes * torch.cat(gate, 1).unsqueeze(-1)
@@ -227,15 +251,16 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
         # (one gather, instead of un-pooling every option's map); a token outside the image
         # has none and takes the first query's (any value does: the next block zeroes it)
         slots = torch.cat(slots, 1)
-        owner = slots.gather(1, layout.positions[_per_query(choice, REGION)[:, :h, :w].reshape(b, n),
-                                                torch.arange(n, device=x.device)])
+        owner = slots.gather(1, layout.positions[choice[:, layout.token_regions], torch.arange(n, device=x.device)])
         return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
-    flat = torch.cat([pooled[k].flatten(1, 2) for k in range(len(SPLITS))], 1)  # (B, M, C), M = 1.3125 x region tokens
+    # (B, M, C), M = 1.3125 x the region tokens
+    flat = torch.cat([pooled[k].flatten(1, 2) for k in range(len(SPLITS))], 1)
     changes = block(flat)
     update = torch.zeros_like(pooled[0])
-    for k, (part, (hk, wk), s) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes, SPLITS)):
-        part = part.view(b, hk, wk, c) * _per_query(gates[..., k], s)[:, :hk, :wk].unsqueeze(-1)
-        update = update + _unpool(part, REGION // s)[:, :h, :w]
+    for k, (part, (hk, wk), regions) in enumerate(zip(changes.split([hh * ww for hh, ww in shapes], 1), shapes,
+                                                       layout.query_regions)):
+        part = part.view(b, hk, wk, c) * gates[..., k].flatten(1)[:, regions].view(b, hk, wk, 1)
+        update = update + _unpool(part, REGION // SPLITS[k])[:, :h, :w]
     return x + update.reshape(b, n, c)
 
 

@@ -46,6 +46,9 @@ def test_gather_then_scatter_is_identity_and_carries_gradients():
     x = torch.randn(2, 10, 3, requires_grad=True)
     ref = torch.randn(2, 10, 2, 2)
     assert gather_tokens(ref, kept.index).shape == (2, 4, 2, 2)
+    for b in (slice(None), slice(0, 1)):  # the batch and the one-image path equal torch.gather's
+        torch.testing.assert_close(gather_tokens(x[b], kept.index[b]),
+                                   x[b].gather(1, kept.index[b, :, None].expand(-1, -1, 3)), rtol=0, atol=0)
     values = gather_tokens(x, kept.index) * 2
     out = scatter_tokens(x.detach(), kept, values)
     out.sum().backward()
@@ -64,6 +67,8 @@ def test_kept_from_mask_lists_each_images_positions_in_order_and_pads_with_unsel
     # padding slots point at positions the image did not select
     assert not mask.gather(1, kept.index)[~kept.mask].any()
     assert torch.equal(kept.dense(5), mask)
+    one = kept_from_mask(mask[:1])  # one image: no padding
+    assert one.index.tolist() == [[1, 2, 4]] and one.mask.all() and one.counts.tolist() == [3]
 
 
 def test_keep_statistics_per_level():
