@@ -50,10 +50,15 @@ class DenseClassifier(nn.Module):
         self.stride = backbone.strides[self.name]
         self.head = nn.Conv2d(backbone.channels[self.name], num_classes + 1, kernel_size=1)
 
-    def forward(self, images) -> torch.Tensor:
+    def forward(self, images) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> logits, and the backbone's own losses and statistics in training (a DGE
+        backbone's budget loss, beta and granularity shares), else {}."""
         # a transformer backbone that takes them sees each image's size in the padded batch
         kwargs = {"sizes": images.sizes.tolist()} if getattr(self.backbone, "takes_sizes", False) else {}
-        return self.head(self.backbone(images.tensors, **kwargs)[self.name])
+        if self.training and hasattr(self.backbone, "forward_with_losses"):
+            maps, extra = self.backbone.forward_with_losses(images.tensors, [], **kwargs)
+            return self.head(maps[self.name]), extra
+        return self.head(self.backbone(images.tensors, **kwargs)[self.name]), {}
 
 
 def dense_labels(targets: list[dict], mask: torch.Tensor, shape: tuple[int, int], stride: int,
@@ -98,11 +103,14 @@ def train_dense(model, dataset, cfg, epochs: int, batch: int, lr: float) -> None
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         model.train()
-        loss_sum, correct, seen = 0.0, 0.0, 0
+        loss_sum, correct, seen, beta = 0.0, 0.0, 0, []
         for images, targets in loader:
-            logits = model(images)
+            logits, extra = model(images)
             labels = dense_labels(targets, images.mask, logits.shape[-2:], model.stride, k)
             loss = F.cross_entropy(logits, labels, class_weight, ignore_index=-100)
+            loss = loss + sum(v for name, v in extra.items() if name.startswith("loss_"))
+            if "dge_beta" in extra:
+                beta.append(float(extra["dge_beta"]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -111,8 +119,9 @@ def train_dense(model, dataset, cfg, epochs: int, batch: int, lr: float) -> None
             loss_sum += loss.item()
             correct += (logits.argmax(1)[on_object] == labels[on_object]).sum().item()
             seen += int(on_object.sum())
-        log.info("epoch %d: loss %.4f, accuracy on object cells %.3f (%.0f s)", epoch,
-                 loss_sum / len(loader), correct / max(seen, 1), time.perf_counter() - start)
+        log.info("epoch %d: loss %.4f, accuracy on object cells %.3f%s (%.0f s)", epoch,
+                 loss_sum / len(loader), correct / max(seen, 1),
+                 f", DGE beta {sum(beta) / len(beta):.3f}" if beta else "", time.perf_counter() - start)
 
 
 def main(argv=None) -> Path:
@@ -140,8 +149,10 @@ def main(argv=None) -> Path:
                 args.batch, args.lr)
     if hasattr(backbone, "torchvision_state_dict"):  # ResNet: torchvision's names
         state = backbone.torchvision_state_dict()
-    else:  # PVT, ViT: our own names, which their loaders read as well (no detection-only layers)
-        state = {k: v for k, v in backbone.state_dict().items() if not backbone.fresh(k)}
+    else:  # PVT, ViT: our own names, which their loaders read as well (no detection-only layers;
+        # a DGE backbone's routers, trained with its budget loss, are kept)
+        learnt = getattr(backbone, "learnt_in_pretraining", lambda key: not backbone.fresh(key))
+        state = {k: v for k, v in backbone.state_dict().items() if learnt(k)}
     path = save_checkpoint(state, args.out)
     log.info("wrote %s", path)
     return path

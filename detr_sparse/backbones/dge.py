@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..sparsity.dge import (GRAIN_NAMES, REGION, SPLITS, GrainRouter, block_macs, dge_update, grain_gates,
                             grain_pools, query_counts, region_layout)
+from .levels import LEVEL_NAMES
 from .pvt import _DIMS, _MLP_RATIOS, _PATCH, _SR_RATIOS, PVTBackbone, PVTStage
 from .vit import ViTBackbone, load_converted_state, read_state
 
@@ -149,20 +150,41 @@ class DGECost:
         """The routers are new, beside what the dense backbone does not load."""
         return ".router." in key or super().fresh(key)
 
+    def learnt_in_pretraining(self, key: str) -> bool:
+        """What tools/pretrain_backbone.py saves of a DGE backbone: the dense backbone's
+        weights and the routers (pretrained with the budget loss, as the paper's ImageNet
+        models are trained with DGE)."""
+        return ".router." in key or not self.fresh(key)
+
+    def load_state(self, path: str, state: dict[str, Tensor], what: str) -> None:
+        """Load a dense state dict (the routers stay fresh) or one with routers, which load."""
+        routers = any(".router." in k for k in state)
+        wanted = {k for k in self.state_dict() if not self.fresh(k) or (routers and ".router." in k)}
+        load_converted_state(self, path, wanted, self._from_checkpoint, what, state)
+
 
 class DGEPVTBackbone(DGECost, PVTBackbone):
     """PVT v1 with DGE blocks (settings: DGECost). forward(x, sizes) as PVTBackbone's;
     regions are S x S tokens of each stage from the top-left corner (16, 32, 64, 128 px)."""
 
-    def __init__(self, name: str = "pvt_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
+    def __init__(self, name: str = "pvt_s_dge", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
+                 pretrained: str = "", *args, budget: float = 0.5, budget_weight: float = 1.0,
                  budget_scope: str = "backbone", sparse_train: bool = True, **kwargs):
-        super().__init__(name.removesuffix("_dge"), *args, **kwargs)
+        super().__init__(name.removesuffix("_dge"), out_features, "", *args, **kwargs)
         self.setup_dge([(block, _DIMS[i]) for i, stage in enumerate(self.stages) for block in stage.blocks],
                        budget, budget_weight, budget_scope, sparse_train)
+        if pretrained:  # once the routers exist: a file with routers loads them
+            self.load_pretrained(pretrained)
         firsts = [0]
         for stage in self.stages[:-1]:
             firsts.append(firsts[-1] + len(stage.blocks))
         self.shown_blocks = firsts  # the first block of every stage
+
+    def load_pretrained(self, path: str) -> None:
+        """An official PVT v1 state dict (routers start fresh), or one this project's
+        pretraining wrote of a PVT+DGE (its routers load too)."""
+        what = "PVT v1 state dict of the same size (dense, or a DGE one with routers)"
+        self.load_state(path, read_state(path, what), what)
 
     def run_stage(self, stage: PVTStage, x: Tensor, valid: list[tuple[int, int]]):
         index = len(self.costs)
@@ -181,11 +203,14 @@ class DGEViTBackbone(DGECost, ViTBackbone):
     """DeiT / ViT with DGE blocks (settings: DGECost) and ViTDet's simple pyramid; regions
     are S x S tokens (64 px) from the top-left corner."""
 
-    def __init__(self, name: str = "deit_s_dge", *args, budget: float = 0.5, budget_weight: float = 1.0,
+    def __init__(self, name: str = "deit_s_dge", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
+                 pretrained: str = "", *args, budget: float = 0.5, budget_weight: float = 1.0,
                  budget_scope: str = "backbone", sparse_train: bool = True, **kwargs):
-        super().__init__(name.removesuffix("_dge"), *args, **kwargs)
+        super().__init__(name.removesuffix("_dge"), out_features, "", *args, **kwargs)
         dim = self.conv_proj.out_channels
         self.setup_dge([(block, dim) for block in self.layers], budget, budget_weight, budget_scope, sparse_train)
+        if pretrained:  # once the routers exist: the authors' DGE DeiT loads its routers
+            self.load_pretrained(pretrained)
         depth = len(self.layers)  # the paper's pictures: layers 1, 4, 8 (of 12) and the last
         self.shown_blocks = sorted({0, depth // 4, 2 * depth // 3, depth - 1})
 
@@ -202,9 +227,7 @@ class DGEViTBackbone(DGECost, ViTBackbone):
         splits = [v for k, v in state.items() if k.endswith(".dge.splits")]
         if any(v.tolist() != list(SPLITS) for v in splits):
             raise ValueError(f"{path}: DGE splits {splits[0].tolist()}, this backbone's are {list(SPLITS)}")
-        routers = any(".dge.router." in k for k in state)
-        wanted = {k for k in self.state_dict() if not self.fresh(k) or (routers and ".router." in k)}
-        load_converted_state(self, path, wanted, self._from_checkpoint, what, state)
+        self.load_state(path, state, what)
 
     def _from_checkpoint(self, key: str, value: Tensor) -> tuple[str, Tensor] | None:
         if ".dge." in key:  # blocks.i.dge.router.gate.* (the splits were checked)

@@ -44,3 +44,26 @@ def test_a_pvt_pretrains_and_its_weights_load_into_the_dense_and_the_dge_backbon
     for key, value in saved.items():
         assert torch.equal(dense.state_dict()[key], value) and torch.equal(dge.state_dict()[key], value)
     assert abs(dge.stages[0].blocks[0].router.gate.bias.softmax(0)[0].item() - 0.95) < 1e-6
+
+
+def test_a_dge_pvt_pretrains_with_its_budget_loss_and_its_routers_load(tiny_coco, tmp_path, caplog):
+    import logging
+
+    from detr_sparse.backbones.dge import DGEPVTBackbone
+
+    out = tmp_path / "pvt_dge.pth"
+    opts = tiny_overrides(tiny_coco, tmp_path) + ["model.backbone.name=pvt_t_dge",
+                                                  "model.backbone.out_features=[res2,res3]"]
+    with caplog.at_level(logging.INFO, logger="detr_sparse.pretrain"):
+        pretrain_backbone.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--out", str(out),
+                                "--epochs", "1", "--batch", "2", "--lr", "0.05", "--opts", *opts])
+    assert "DGE beta" in caplog.text
+    saved = torch.load(out, weights_only=True)
+    routers = [k for k in saved if ".router." in k]
+    assert len(routers) == 2 * 4  # 2 stages of 2 blocks, weight and bias
+    fresh = DGEPVTBackbone("pvt_t_dge", out_features=("res2", "res3"))
+    # the budget loss (and the classification loss) moved the routers off their initialisation
+    assert any(not torch.equal(saved[k], fresh.state_dict()[k]) for k in routers)
+    loaded = DGEPVTBackbone("pvt_t_dge", out_features=("res2", "res3"), pretrained=str(out))
+    for key, value in saved.items():
+        assert torch.equal(loaded.state_dict()[key], value)
