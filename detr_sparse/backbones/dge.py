@@ -77,7 +77,9 @@ class DGECost:
         cost["dynamic"] = len(blocks) * (static + image_regions * dim * len(SPLITS))
         for i, block in enumerate(blocks):
             pooled = grain_pools(tokens, grid, keep)
-            gates = grain_gates(block.router(pooled[-1]), regions, self.training, self.forced)
+            logits = block.router(pooled[-1])
+            if self.forced is None or i == 0:  # forced gates are the same for every block of a stage
+                gates = grain_gates(logits, regions, self.training, self.forced)
             cost["dynamic"] = cost["dynamic"] + per_query * query_counts(gates, layout)
             cost["grains"] = cost["grains"] + (gates.detach() * regions[..., None]).flatten(0, 2).sum(0)
             if not self.training:

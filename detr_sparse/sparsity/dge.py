@@ -228,30 +228,35 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     shapes = [pooled.shape(k) for k in range(len(SPLITS))]
     if sparse:
         choice = gates.argmax(-1).flatten(1)  # (B, regions)
-        with_gate = torch.is_grad_enabled() and gates.requires_grad
-        queries, gate, slots, width = [], [], [], 0
-        for k, ((hk, wk), regions) in enumerate(zip(shapes, layout.query_regions)):
-            # each option's chosen queries, gathered from its own map (one not chosen is not pooled)
-            kept = kept_from_mask((choice[:, regions] == k) & layout.patches[k].flatten(1))
-            count = kept.index.shape[1]
-            if count:
-                queries.append(gather_tokens(pooled[k].flatten(1, 2), kept.index))
-            if count and with_gate:
-                # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
-                gate.append(gather_tokens(gates[..., k].flatten(1)[:, regions], kept.index))
-            # each patch's slot among the queries (-1: not computed)
-            slot = torch.arange(width, width + count, device=x.device).expand_as(kept.index)
-            slots.append(torch.full((b, hk * wk), -1, dtype=torch.long, device=x.device)
-                         .scatter_(1, kept.index, torch.where(kept.mask, slot, -1)))
-            width += count
-        changes = block(torch.cat(queries, 1))
-        if with_gate:
-            changes = changes * torch.cat(gate, 1).unsqueeze(-1)
+        # each option's chosen queries (an option no region chose is not even pooled)
+        kepts = [kept_from_mask((choice[:, regions] == k) & layout.patches[k].flatten(1))
+                 for k, regions in enumerate(layout.query_regions)]
+        counts = [kept.index.shape[1] for kept in kepts]
+        starts = [sum(counts[:k]) for k in range(len(SPLITS))]
+        chosen = [k for k in range(len(SPLITS)) if counts[k]]
+        if b == 1 and not torch.is_grad_enabled():  # gathered straight into one buffer, no concatenation
+            queries = x.new_empty(1, sum(counts), c)
+            for k in chosen:
+                torch.index_select(pooled[k].view(-1, c), 0, kepts[k].index[0],
+                                   out=queries[0, starts[k]:starts[k] + counts[k]])
+        else:
+            queries = torch.cat([gather_tokens(pooled[k].flatten(1, 2), kepts[k].index) for k in chosen], 1)
+        changes = block(queries)
+        if torch.is_grad_enabled() and gates.requires_grad:
+            # times the chosen gate (1 forward): its straight-through gradient, as paper Eq. 6
+            gate = torch.cat([gather_tokens(gates[..., k].flatten(1)[:, layout.query_regions[k]], kepts[k].index)
+                              for k in chosen], 1)
+            changes = changes * gate.unsqueeze(-1)
+        # each patch's slot among the queries (-1: not computed), the options' patches laid one
+        # after the other
+        slots = torch.cat([torch.full((b, hk * wk), -1, dtype=torch.long, device=x.device).scatter_(
+            1, kept.index, torch.where(kept.mask, torch.arange(start, start + count, device=x.device), -1))
+            for kept, start, count, (hk, wk) in zip(kepts, starts, counts, shapes)], 1)
         # each image token takes the change of the one chosen query whose patch covers it
         # (one gather, instead of un-pooling every option's map); a token outside the image
         # has none and takes the first query's (any value does: the next block zeroes it)
-        slots = torch.cat(slots, 1)
-        owner = slots.gather(1, layout.positions[choice[:, layout.token_regions], torch.arange(n, device=x.device)])
+        token_option = choice[:, layout.token_regions]  # (B, N)
+        owner = slots.gather(1, layout.positions[token_option, torch.arange(n, device=x.device)])
         return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
     # (B, M, C), M = 1.3125 x the region tokens
     flat = torch.cat([pooled[k].flatten(1, 2) for k in range(len(SPLITS))], 1)
