@@ -22,7 +22,8 @@ form (every granularity computed, the gate's one-hot mixing them) and the infere
   wholly in padding set to the coarsest (and counted nowhere).
 - `region_layout`: which regions and patches hold image tokens (a query wholly in padding
   is never computed nor counted).
-- `dge_update`: the block applied to the chosen queries, dense (training) or sparse.
+- `dge_update`: the block applied to the queries: every option's (the exact dense form) or
+  only the chosen ones (the sparse form: inference, and training by default).
 - `query_counts`, `block_macs`: the differentiable cost the budget loss constrains.
 
 Padding: tokens outside the image are zeroed before pooling (a region across the image
