@@ -177,13 +177,8 @@ class GrainPools:
         b, _, c = x.shape
         if token_valid is not None:
             x = x * token_valid.unsqueeze(-1)
-        self.x_map, self.grid = x.view(b, *grid, c), grid
+        self.x_map = x.view(b, *grid, c)
         self.maps: dict[int, Tensor] = {}
-
-    def shape(self, k: int) -> tuple[int, int]:
-        """Option k's map size (h_k, w_k)."""
-        side = REGION // SPLITS[k]
-        return -(-self.grid[0] // side), -(-self.grid[1] // side)
 
     def __getitem__(self, k: int) -> Tensor:
         if not -len(SPLITS) <= k < len(SPLITS):
@@ -218,15 +213,15 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     attention and MLP terms) against the keys / values of x. Dense form (training): every
     option's queries go through the block (1.3125 x the region tokens, one call, so
     stochastic depth drops a whole sample) and the one-hot gates mix their changes, which
-    gives the gates their gradient. Sparse form (inference and training by default): each image computes only the
-    queries of its chosen options (each option's padded to the batch's largest count of it;
-    nothing is padded at batch 1), gathered from that option's map, and their changes,
-    times the chosen gate (1, with the straight-through gradient of the chosen option only,
-    as the paper's Eq. 6), are put back. Both give the same map at the image tokens for the
+    gives the gates their gradient. Sparse form (inference and training by default): each
+    image computes only the queries of its chosen options (each option's padded to the
+    batch's largest count of it; nothing is padded at batch 1), gathered from that option's
+    map, and their changes, times the chosen gate (1, with the straight-through gradient of
+    the chosen option only, as the paper's Eq. 6), are put back. Both give the same map at the image tokens for the
     same gates; the sparse form computes no query wholly in padding."""
     b, n, c = x.shape
     h, w = grid
-    shapes = [pooled.shape(k) for k in range(len(SPLITS))]
+    shapes = [tuple(p.shape[1:]) for p in layout.patches]  # each option's map (h_k, w_k)
     if sparse:
         choice = gates.argmax(-1).flatten(1)  # (B, regions)
         # each option's chosen queries (an option no region chose is not even pooled)

@@ -65,8 +65,7 @@ def kept_from_mask(mask: Tensor) -> KeptTokens:
     index = (~mask).to(torch.uint8).argmax(1, keepdim=True).expand(-1, k).clone()
     # nonzero lists the True positions row by row, in map order: 10x faster than sorting the
     # mask on a CPU at DGE's sizes
-    rows, cols = mask.nonzero(as_tuple=True)
-    index[slots] = cols
+    index[slots] = mask.nonzero(as_tuple=True)[1]
     return KeptTokens(index, slots, counts)
 
 
