@@ -79,10 +79,12 @@ class RegionLayout:
     at the regions holding image tokens; `patches[k]` (B, ceil(H / p_k), ceil(W / p_k)) True
     at option k's patches (of side p_k = 1, 2, 4) holding image tokens (the only queries
     computed); `queries` (B, Hr, Wr, 3) how many queries each option gives each region
-    (16 / 4 / 1 inside the image, fewer across its border); `positions` (3, H * W) each
-    token's patch per option, among the options' patches laid one after the other;
-    `query_regions[k]` (h_k * w_k,) the region (flat index) of each of option k's queries and
-    `token_regions` (H * W,) each token's: a region's choice spread by one indexing."""
+    (16 / 4 / 1 inside the image, fewer across its border); `query_regions[k]` (h_k * w_k,)
+    the region (flat index) of each of option k's queries and `token_regions` (H * W,) each
+    token's: a region's choice spread by one indexing. With every option's patches laid one
+    after the other (P of them): `positions` (3, H * W) each token's patch per option,
+    `patch_regions` (P,) each patch's region, `patch_options` (P,) its option, `patch_valid`
+    (B, P) `patches` flattened, `option_starts` (3,) where each option's patches begin."""
 
     regions: Tensor
     patches: list[Tensor]
@@ -90,6 +92,10 @@ class RegionLayout:
     positions: Tensor
     query_regions: list[Tensor]
     token_regions: Tensor
+    patch_regions: Tensor
+    patch_options: Tensor
+    patch_valid: Tensor
+    option_starts: Tensor
 
 
 def region_layout(token_valid: Tensor | None, grid: tuple[int, int], batch: int, device) -> RegionLayout:
@@ -129,8 +135,12 @@ def _layout(grid: tuple[int, int], sizes: tuple[tuple[int, int], ...], device: t
         return (r[:, None] * wr + torch.arange(cols, device=device)[None, :] // per_region).flatten()
 
     query_regions = [regions_of(*p.shape[1:], n) for p, n in zip(patches, SPLITS)]
+    sizes = [r.numel() for r in query_regions]
+    options = torch.repeat_interleave(torch.arange(len(SPLITS), device=device), torch.tensor(sizes, device=device))
+    starts = torch.tensor([sum(sizes[:k]) for k in range(len(SPLITS))], device=device)
     return RegionLayout(patches[-1], patches, torch.stack(queries, -1), positions, query_regions,
-                        regions_of(h, w, REGION))
+                        regions_of(h, w, REGION), torch.cat(query_regions), options,
+                        torch.cat([p.flatten(1) for p in patches], 1), starts)
 
 
 def forced_choice(valid_regions: Tensor, shares: tuple[float, ...]) -> Tensor:
@@ -224,9 +234,10 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
     shapes = [tuple(p.shape[1:]) for p in layout.patches]  # each option's map (h_k, w_k)
     if sparse:
         choice = gates.argmax(-1).flatten(1)  # (B, regions)
-        # each option's chosen queries (an option no region chose is not even pooled)
-        kepts = [kept_from_mask((choice[:, regions] == k) & layout.patches[k].flatten(1))
-                 for k, regions in enumerate(layout.query_regions)]
+        # the chosen queries: every option's patches, laid one after the other, whose region
+        # chose the option and which hold image tokens (an option no region chose is not even pooled)
+        picked = (choice[:, layout.patch_regions] == layout.patch_options) & layout.patch_valid
+        kepts = [kept_from_mask(mask) for mask in picked.split([len(r) for r in layout.query_regions], 1)]
         counts = [kept.index.shape[1] for kept in kepts]
         starts = [sum(counts[:k]) for k in range(len(SPLITS))]
         chosen = [k for k in range(len(SPLITS)) if counts[k]]
@@ -243,16 +254,16 @@ def dge_update(block: Callable[[Tensor], Tensor], x: Tensor, grid: tuple[int, in
             gate = torch.cat([gather_tokens(gates[..., k].flatten(1)[:, layout.query_regions[k]], kepts[k].index)
                               for k in chosen], 1)
             changes = changes * gate.unsqueeze(-1)
-        # each patch's slot among the queries (-1: not computed), the options' patches laid one
-        # after the other
-        slots = torch.cat([torch.full((b, hk * wk), -1, dtype=torch.long, device=x.device).scatter_(
-            1, kept.index, torch.where(kept.mask, torch.arange(start, start + count, device=x.device), -1))
-            for kept, start, count, (hk, wk) in zip(kepts, starts, counts, shapes)], 1)
+        # each chosen patch's slot among the queries: its option's first slot plus its rank
+        # among the option's chosen patches (a running count); an unchosen patch gets a slot
+        # in [-1, queries) that nothing reads
+        ranks = picked.cumsum(1)
+        shift = torch.tensor(starts, device=x.device) - 1 - F.pad(ranks, (1, 0))[:, layout.option_starts]
+        slots = ranks + shift[:, layout.patch_options]
         # each image token takes the change of the one chosen query whose patch covers it
         # (one gather, instead of un-pooling every option's map); a token outside the image
-        # has none and takes the first query's (any value does: the next block zeroes it)
-        token_option = choice[:, layout.token_regions]  # (B, N)
-        owner = slots.gather(1, layout.positions[token_option, torch.arange(n, device=x.device)])
+        # may have none and takes any query's (the next block zeroes it)
+        owner = slots.gather(1, layout.positions.gather(0, choice[:, layout.token_regions]))
         return gather_tokens(changes, owner.clamp_(min=0)).add_(x)
     # (B, M, C), M = 1.3125 x the region tokens
     flat = torch.cat([pooled[k].flatten(1, 2) for k in range(len(SPLITS))], 1)
