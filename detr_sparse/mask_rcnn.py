@@ -34,7 +34,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from .backbones import build_backbone
-from .backbones.vit import ViTBackbone
 from .image_batch import ImageBatch
 
 
@@ -194,8 +193,8 @@ def build_rcnn_parts(cfg, num_classes: int) -> dict[str, nn.Module]:
     by default) on the levels of cfg.backbone.out_features (e.g. [res2, res3, res4, res5])."""
     r = cfg.rcnn
     backbone = build_backbone(cfg.backbone, out_features=tuple(cfg.backbone.out_features))
-    # ViTDet: the ViT's simple pyramid is its neck already
-    neck = PyramidNeck(backbone.output_shape(), None if isinstance(backbone, ViTBackbone) else r.fpn_channels)
+    # ViTDet: the ViT's simple pyramid is its neck already (the ViT-Adapter's maps need an FPN)
+    neck = PyramidNeck(backbone.output_shape(), None if getattr(backbone, "is_pyramid", False) else r.fpn_channels)
     channels, strides = neck.out_channels, neck.strides
     ratios = tuple(r.anchor_ratios)
     anchors = LevelAnchorGenerator(tuple((r.anchor_scale * s,) for s in strides.values()),

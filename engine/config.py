@@ -25,6 +25,14 @@ class DGEConfig:
 
 
 @dataclass
+class SViTConfig:
+    """The selective ViT backbones (names *_svit)."""
+    ratio_weight: float = 4.0  # lambda of the keep-ratio loss
+    per_image: bool = False  # keep shares per image (the paper's fixed-rate baseline), not over the batch
+    stochastic_eval: bool = False  # sample the gates in evaluation, as the authors' released code does
+
+
+@dataclass
 class BackboneConfig:
     name: str = "resnet50"
     # frozen_bn for ImageNet-pretrained weights (DETR); bn / gn when training from scratch
@@ -41,6 +49,7 @@ class BackboneConfig:
     freeze_at: int = -1
     drop_path_rate: float = 0.0  # stochastic depth of transformer backbones (Swin)
     dge: DGEConfig = field(default_factory=DGEConfig)
+    svit: SViTConfig = field(default_factory=SViTConfig)
 
 
 @dataclass

@@ -3,8 +3,10 @@ its channels and stride (`output_shape()`)."""
 from .dge import DGEPVTBackbone, DGEViTBackbone
 from .resnet import ResNetBackbone
 from .pvt import PVTBackbone
+from .svit import SViTAdapterBackbone, SViTBackbone
 from .swin import SwinBackbone
 from .vit import ViTBackbone
+from .vit_adapter import ViTAdapterBackbone
 
 
 def build_backbone(cfg, out_features: tuple[str, ...]):
@@ -31,6 +33,16 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
                                       **dge)
             return DGEViTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
                                   freeze_at=cfg.freeze_at, **dge)
+        if cfg.name.endswith("_svit"):
+            s = cfg.svit
+            svit = {"ratio_weight": s.ratio_weight, "per_image": s.per_image, "stochastic_eval": s.stochastic_eval}
+            if cfg.name.endswith("_adapter_svit"):
+                return SViTAdapterBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, cfg.freeze_at,
+                                           **svit)
+            return SViTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, freeze_at=cfg.freeze_at,
+                                **svit)
+        if cfg.name.endswith("_adapter"):
+            return ViTAdapterBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, cfg.freeze_at)
         if cfg.name.startswith("pvt"):
             return PVTBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate,
                                cfg.freeze_at)

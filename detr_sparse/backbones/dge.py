@@ -238,10 +238,10 @@ class DGEViTBackbone(DGECost, ViTBackbone):
         return super()._from_checkpoint(key, value)
 
     def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
-                   key_mask: Tensor | None) -> Tensor:
+                   key_mask: Tensor | None, start: int = 0, stop: int | None = None) -> Tensor:
         dim = tokens.shape[-1]
         return self.dge_blocks(
-            list(self.layers), tokens, grid, keep,
+            list(self.layers)[start:stop], tokens, grid, keep,
             lambda block, q, t: block.forward_queries(q, t, key_mask, change=True),
             lambda q, n: block_macs(q, n, dim, 4 * dim),
             3 * self.patch_size ** 2 * dim, self.patch_size, "layer")

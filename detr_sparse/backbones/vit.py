@@ -186,6 +186,7 @@ class ViTBackbone(nn.Module):
 
     patch_size = 16
     pad_multiple = 16
+    is_pyramid = True  # the maps are a pyramid of one width already: no FPN on top
     takes_sizes = True  # a padded batch's image sizes: forward(x, sizes)
 
     def __init__(self, name: str = "deit_s", out_features: tuple[str, ...] = tuple(LEVEL_NAMES),
@@ -205,8 +206,17 @@ class ViTBackbone(nn.Module):
             (f"encoder_layer_{i}", ViTBlock(dim, heads, drop_path_rate * i / max(depth - 1, 1)))
             for i in range(depth)))
         self.out_features = tuple(n for n in LEVEL_NAMES if n in out_features)
-        self.channels = {n: out_channels for n in self.out_features}
         self.strides = {n: 4 * 2 ** LEVEL_NAMES.index(n) for n in self.out_features}
+        self.build_outputs(dim, out_channels)
+        if pretrained:
+            self.load_pretrained(pretrained)
+        if freeze_at == 1:
+            for p in [self.pos_embedding, *self.conv_proj.parameters()]:
+                p.requires_grad_(False)
+
+    def build_outputs(self, dim: int, out_channels: int) -> None:
+        """The simple pyramid: each map resampled from the stride-16 one, then projected."""
+        self.channels = {n: out_channels for n in self.out_features}
         norm = partial(LayerNorm2d, eps=1e-6)
         self.rescale, self.project = nn.ModuleDict(), nn.ModuleDict()
         for n in self.out_features:
@@ -214,11 +224,6 @@ class ViTBackbone(nn.Module):
             self.project[n] = nn.Sequential(
                 Conv2dNormActivation(channels, out_channels, 1, norm_layer=norm, activation_layer=None),
                 Conv2dNormActivation(out_channels, out_channels, 3, norm_layer=norm, activation_layer=None))
-        if pretrained:
-            self.load_pretrained(pretrained)
-        if freeze_at == 1:
-            for p in [self.pos_embedding, *self.conv_proj.parameters()]:
-                p.requires_grad_(False)
 
     def load_pretrained(self, path: str) -> None:
         """Load a torchvision ViT state dict (`conv_proj.weight`, `encoder.layers.encoder_layer_0
@@ -270,8 +275,10 @@ class ViTBackbone(nn.Module):
         return tokens, grid, keep, None if keep is None else keep[:, None, None, :]
 
     def run_blocks(self, tokens: Tensor, grid: tuple[int, int], keep: Tensor | None,
-                   key_mask: Tensor | None) -> Tensor:
-        for layer in self.layers:
+                   key_mask: Tensor | None, start: int = 0, stop: int | None = None) -> Tensor:
+        """The blocks start .. stop - 1 (all by default) over tokens (B, N, C) on the grid;
+        keep (B, N) each image's tokens and key_mask its (B, 1, 1, N) view, or None."""
+        for layer in list(self.layers)[start:stop]:
             tokens = layer(tokens, key_mask)
         return tokens
 
