@@ -107,22 +107,47 @@ def grain_panel(image: torch.Tensor, choice: torch.Tensor, region_px: int, alpha
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def usage_panel(image: torch.Tensor, usage: torch.Tensor, patch_px: int, blocks: int, alpha: float = 0.7
+                ) -> torch.Tensor:
+    """The uint8 (3, h, w) image tinted red by how many of the `blocks` gated blocks each
+    token (patch_px square, from the top-left) went through: usage (gh, gw), -1 outside the
+    image (an SViT backbone's `token_usage`)."""
+    h, w = image.shape[-2:]
+    heat = (usage.float().cpu().clamp(min=0) / max(blocks, 1)).repeat_interleave(patch_px, 0)
+    return overlay(image, heat.repeat_interleave(patch_px, 1)[:h, :w], MAP_COLORS[0], alpha)
+
+
+def backbone_panels(backbone, i: int, image: torch.Tensor) -> list[torch.Tensor]:
+    """The last evaluation pass's pictures of a token-sparse backbone for image i of the
+    batch (uint8 (3, h, w) image): a DGE backbone's granularity of its pictured blocks, an
+    SViT backbone's token usage; [] for another backbone."""
+    if hasattr(backbone, "granularity_maps"):
+        return [grain_panel(image, choice[i], px) for _, choice, px in backbone.granularity_maps()]
+    if hasattr(backbone, "token_usage"):
+        return [usage_panel(image, backbone.token_usage()[i], backbone.patch_size, len(backbone.gated))]
+    return []
+
+
+def has_backbone_pictures(model) -> bool:
+    backbone = getattr(model, "backbone", None)
+    return hasattr(backbone, "granularity_maps") or hasattr(backbone, "token_usage")
+
+
 def has_sparsity_pictures(model) -> bool:
-    """A token-sparse detector (token maps) or a detector on a DGE backbone (granularities)."""
-    return hasattr(model, "token_maps") or hasattr(getattr(model, "backbone", None), "granularity_maps")
+    """A token-sparse detector (token maps) or a detector on a token-sparse backbone (DGE's
+    granularities, SViT's token usage)."""
+    return hasattr(model, "token_maps") or has_backbone_pictures(model)
 
 
 @torch.no_grad()
-def granularity_pictures(model, images, limit: int) -> list[torch.Tensor]:
-    """A fresh evaluation pass of a detector on a DGE backbone over an ImageBatch -> for its
-    first `limit` images, the granularity panels of the backbone's pictured blocks side by
-    side (uint8 (3, h, n * w + gaps))."""
+def backbone_pictures(model, images, limit: int) -> list[torch.Tensor]:
+    """A fresh evaluation pass of a detector on a token-sparse backbone over an ImageBatch ->
+    for its first `limit` images, the backbone's panels side by side (uint8 (3, h, n * w + gaps))."""
     model(images)
-    maps = model.backbone.granularity_maps()
     pictures = []
     for i, (h, w) in enumerate(images.sizes.tolist()[:limit]):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
-        pictures.append(side_by_side([grain_panel(image, choice[i], px) for _, choice, px in maps]))
+        pictures.append(side_by_side(backbone_panels(model.backbone, i, image)))
     return pictures
 
 
@@ -142,10 +167,10 @@ def sparsity_maps(model, images) -> dict | None:
 
 
 def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
-    """`sparsity_panels` (or a DGE backbone's `granularity_pictures`) of the first `limit`
-    images of an ImageBatch (a fresh no-grad pass of `model`); [] for a dense model."""
-    if limit > 0 and hasattr(getattr(model, "backbone", None), "granularity_maps"):
-        return granularity_pictures(model, images, limit)
+    """`sparsity_panels` (or a token-sparse backbone's `backbone_pictures`) of the first
+    `limit` images of an ImageBatch (a fresh no-grad pass of `model`); [] for a dense model."""
+    if limit > 0 and has_backbone_pictures(model):
+        return backbone_pictures(model, images, limit)
     maps = sparsity_maps(model, images) if limit > 0 else None
     if maps is None:
         return []

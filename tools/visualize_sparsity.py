@@ -8,7 +8,9 @@ the share of the DAM-referenced tokens (the image's top kept-count tokens by DAM
 PnP-DETR's polled share. A detector on a DGE backbone (Mask R-CNN, Panoptic FPN) gets the
 granularity each region chose in the pictured blocks (red finest: 16 queries, yellow 4, blue
 coarsest: 1; PVT: the first block of every stage, DeiT: layers 1, 4, 8 and 12), with the
-image's backbone cost share beta and granularity shares over all blocks.
+image's backbone cost share beta and granularity shares over all blocks. A detector on an
+SViT backbone gets its token usage (the redder, the more gated blocks a patch went through),
+with the image's keep share per gated block.
 
     python tools/visualize_sparsity.py --config out/x/config.yaml --checkpoint out/x/checkpoint.pth \
         --out out/x/sparsity [--num-images 4] [--ratio 0.1] [--opts k=v ...]
@@ -31,8 +33,8 @@ from detr_sparse.sparsity.sparse_detr import binarize_top, reference_correlation
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
-from engine.visualize import (denormalize, draw_detections, grain_panel, side_by_side, sparsity_maps,  # noqa: E402
-                              token_overlays)
+from engine.visualize import (backbone_panels, denormalize, draw_detections, has_backbone_pictures,  # noqa: E402
+                              side_by_side, sparsity_maps, token_overlays)
 
 
 def level_shares(kept: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> list[float]:
@@ -75,23 +77,31 @@ def visualize_batch(model, images, targets, class_names: list[str], threshold: f
 
 
 @torch.no_grad()
-def visualize_dge_batch(model, images, targets, class_names: list[str], threshold: float) -> list[dict]:
-    """A detector on a DGE backbone: the detections, then the granularity of the backbone's
-    pictured blocks (red finest, yellow middle, blue coarsest), with each image's backbone
-    cost share beta and granularity shares over all blocks."""
+def visualize_backbone_batch(model, images, targets, class_names: list[str], threshold: float) -> list[dict]:
+    """A detector on a token-sparse backbone: the detections, then the backbone's panels
+    (DGE: the granularity of its pictured blocks, red finest, yellow middle, blue coarsest,
+    with each image's cost share beta and granularity shares over all blocks; SViT: the token
+    usage, with each image's keep share per gated block)."""
     predictions = model(images)
     backbone = model.backbone
-    betas, grains = backbone.image_shares()
-    maps = backbone.granularity_maps()
+    dge = hasattr(backbone, "granularity_maps")
+    if dge:
+        betas, grains = backbone.image_shares()
+        blocks = [m[0] for m in backbone.granularity_maps()]
+    else:
+        valid = backbone.token_valid
+        keeps = torch.stack(backbone.keeps)  # (L, B, N)
+        shares = keeps.sum(2) / (keeps.shape[2] if valid is None else valid.sum(1))
     rows = []
     for i, (h, w) in enumerate(images.sizes.tolist()):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
         prediction = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in predictions[i].items()}
-        panels = [grain_panel(image, choice[i], px) for _, choice, px in maps]
-        rows.append({"picture": side_by_side([draw_detections(image, prediction, class_names, threshold, targets[i]),
-                                              *panels]),
-                     "image_id": targets[i]["image_id"], "size": [h, w], "blocks": [m[0] for m in maps],
-                     "beta": betas[i].item(), "grains": grains[i].tolist()})
+        row = {"picture": side_by_side([draw_detections(image, prediction, class_names, threshold, targets[i]),
+                                        *backbone_panels(backbone, i, image)]),
+               "image_id": targets[i]["image_id"], "size": [h, w]}
+        row.update({"blocks": blocks, "beta": betas[i].item(), "grains": grains[i].tolist()} if dge else
+                   {"keep_shares": shares[:, i].tolist()})
+        rows.append(row)
     return rows
 
 
@@ -109,9 +119,9 @@ def main(argv=None) -> list[dict]:
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data, "val")
     model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device)
-    dge = hasattr(getattr(model, "backbone", None), "granularity_maps")
-    if not hasattr(model, "token_maps") and not dge:
-        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr or *_dge "
+    on_backbone = has_backbone_pictures(model)
+    if not hasattr(model, "token_maps") and not on_backbone:
+        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr, *_dge or *_svit "
                 "backbone config")
     if args.ratio is not None:
         setattr(model, "rho" if hasattr(model, "rho") else "poll_ratio", args.ratio)
@@ -124,7 +134,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for first in range(0, count, batch):
         images, targets = collate_fn([dataset[i] for i in range(first, min(first + batch, count))])
-        draw = visualize_dge_batch if dge else visualize_batch
+        draw = visualize_backbone_batch if on_backbone else visualize_batch
         rows += draw(model, images.to(device), targets, list(dataset.cat_names), cfg.eval.vis_score_threshold)
     for i, row in enumerate(rows):
         row["path"] = str(out / f"sparsity_{i}.png")
@@ -134,6 +144,9 @@ def main(argv=None) -> list[dict]:
             finest, middle, coarsest = row["grains"]
             print(f"{head} backbone cost share {row['beta']:.3f}, regions finest {finest:.3f} middle "
                   f"{middle:.3f} coarsest {coarsest:.3f} (panels: {', '.join(row['blocks'])})")
+            continue
+        if "keep_shares" in row:
+            print(f"{head} keep shares of the gated blocks {' '.join(f'{v:.3f}' for v in row['keep_shares'])}")
             continue
         if "polled" in row:
             print(f"{head} polled {row['polled']:.3f}")

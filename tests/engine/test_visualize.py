@@ -104,3 +104,16 @@ def test_grain_panel_tints_each_region_by_its_granularity_and_leaves_padding():
     assert panel[:, 18, 5].tolist() == list(GRAIN_COLORS[1])
     assert panel[:, 18, 20].tolist() == [100, 100, 100]  # a padding region stays as it is
     assert panel[:, 16, 5].tolist() == [255, 255, 255]  # the grid line between regions
+
+
+def test_usage_panel_tints_each_patch_by_its_share_of_the_gated_blocks():
+    from engine.visualize import MAP_COLORS, usage_panel
+
+    image = torch.zeros((3, 20, 30), dtype=torch.uint8)
+    usage = torch.tensor([[4, 0], [2, -1]])  # patches of 16 px, 4 gated blocks
+    panel = usage_panel(image, usage, 16, blocks=4, alpha=1.0)
+    assert panel.shape == image.shape
+    assert panel[:, 5, 5].tolist() == list(MAP_COLORS[0])  # through every gated block
+    assert panel[:, 5, 20].tolist() == [0, 0, 0]  # through none
+    assert panel[:, 18, 5].tolist() == [round(c / 2) for c in MAP_COLORS[0]]
+    assert panel[:, 18, 20].tolist() == [0, 0, 0]  # outside the image

@@ -66,3 +66,18 @@ def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, ca
         assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (5 * w + 4 * GAP, h)
         assert row["blocks"][0] == "stage 1 block 1" and abs(sum(row["grains"]) - 1) < 1e-6
         assert 0 < row["beta"] <= 1.05  # no query wholly in padding is computed
+
+
+def test_an_svit_backbone_detector_draws_its_token_usage(tiny_coco, tmp_path, capsys):
+    opts = tiny_overrides(tiny_coco, tmp_path) + [
+        "model.name=mask_rcnn", "model.backbone.name=deit_t_svit", "model.rcnn.box_head_dim=64",
+        "model.rcnn.mask_head_dim=16", "model.rcnn.rpn_post_nms_top_n_test=50", "data.masks=true"]
+    rows = visualize_sparsity.main(["--num-images", "2", "--config", str(REPO / "configs/mask_rcnn_deit_s.yaml"),
+                                    "--out", str(tmp_path / "pictures"), "--opts", *opts])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and all("keep shares of the gated blocks" in line for line in lines)
+    for i, row in enumerate(rows):
+        h, w = row["size"]
+        # detections | token usage
+        assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (2 * w + GAP, h)
+        assert len(row["keep_shares"]) == 9 and all(0 <= s <= 1 for s in row["keep_shares"])
