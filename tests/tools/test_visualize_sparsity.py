@@ -51,14 +51,19 @@ def test_pnp_detr_poll_scores_and_density(tiny_coco, tmp_path, capsys):
     assert "polled 0." in capsys.readouterr().out
 
 
-def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, capsys):
+def _mask_rcnn_rows(tiny_coco, tmp_path, capsys, config: str, *extra):
+    """Two val images drawn by a tiny Mask R-CNN -> the rows and the printed lines."""
     opts = tiny_overrides(tiny_coco, tmp_path) + [
-        "model.name=mask_rcnn", "model.backbone.name=pvt_t_dge", "model.backbone.out_features=[res2,res3,res4,res5]",
-        "model.rcnn.fpn_channels=32", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
-        "model.rcnn.rpn_post_nms_top_n_test=50", "data.masks=true"]
-    rows = visualize_sparsity.main(["--num-images", "2", "--config", str(REPO / "configs/mask_rcnn_pvt_s.yaml"),
+        "model.name=mask_rcnn", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
+        "model.rcnn.rpn_post_nms_top_n_test=50", "data.masks=true", *extra]
+    rows = visualize_sparsity.main(["--num-images", "2", "--config", str(REPO / "configs" / config),
                                     "--out", str(tmp_path / "pictures"), "--opts", *opts])
-    lines = capsys.readouterr().out.splitlines()
+    return rows, capsys.readouterr().out.splitlines()
+
+
+def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, capsys):
+    rows, lines = _mask_rcnn_rows(tiny_coco, tmp_path, capsys, "mask_rcnn_pvt_s.yaml", "model.backbone.name=pvt_t_dge",
+                                  "model.backbone.out_features=[res2,res3,res4,res5]", "model.rcnn.fpn_channels=32")
     assert len(rows) == 2 and all("backbone cost share" in line for line in lines)
     for i, row in enumerate(rows):
         h, w = row["size"]
@@ -69,12 +74,7 @@ def test_a_dge_backbone_detector_draws_its_granularities(tiny_coco, tmp_path, ca
 
 
 def test_an_svit_backbone_detector_draws_its_token_usage(tiny_coco, tmp_path, capsys):
-    opts = tiny_overrides(tiny_coco, tmp_path) + [
-        "model.name=mask_rcnn", "model.backbone.name=deit_t_svit", "model.rcnn.box_head_dim=64",
-        "model.rcnn.mask_head_dim=16", "model.rcnn.rpn_post_nms_top_n_test=50", "data.masks=true"]
-    rows = visualize_sparsity.main(["--num-images", "2", "--config", str(REPO / "configs/mask_rcnn_deit_s.yaml"),
-                                    "--out", str(tmp_path / "pictures"), "--opts", *opts])
-    lines = capsys.readouterr().out.splitlines()
+    rows, lines = _mask_rcnn_rows(tiny_coco, tmp_path, capsys, "mask_rcnn_deit_s.yaml", "model.backbone.name=deit_t_svit")
     assert len(rows) == 2 and all("keep shares of the gated blocks" in line for line in lines)
     for i, row in enumerate(rows):
         h, w = row["size"]
