@@ -211,6 +211,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     lr_drops: list[int] = field(default_factory=lambda: [200])  # epochs where lr *= 0.1
+    warmup_iters: int = 0  # linear warm-up of the learning rate over the first iterations (0: none)
+    warmup_ratio: float = 0.001  # the warm-up's first multiplier
+    # parameters whose name contains one of these get no weight decay (e.g. bias, norm, pos_embedding)
+    no_decay: list[str] = field(default_factory=list)
     clip_max_norm: float = 0.1
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
     # recompute these parts' activations in the backward pass: backbone, encoder, decoder

@@ -1,6 +1,6 @@
-"""Optimizer and schedule: AdamW with a backbone learning rate (0 freezes it) and optional
-per-name multipliers, optionally sharded over the ranks (fairscale OSS); a step schedule
-over epochs."""
+"""Optimizer and schedule: AdamW with a backbone learning rate (0 freezes it), optional
+per-name multipliers and parameters without weight decay, optionally sharded over the ranks
+(fairscale OSS); a step schedule over epochs (the warm-up over iterations is in engine/train.py)."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +8,11 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: float,
-                 lr_multipliers: dict[str, float] | None = None) -> list[dict]:
-    """One group per distinct learning rate. A parameter whose name contains a key of
-    `lr_multipliers` (e.g. "sampling_offsets": 0.1) gets lr * that factor."""
-    groups: dict[float, list] = {}
+                 lr_multipliers: dict[str, float] | None = None, no_decay: list[str] | None = None) -> list[dict]:
+    """One group per distinct (learning rate, weight decay). A parameter whose name contains
+    a key of `lr_multipliers` (e.g. "sampling_offsets": 0.1) gets lr * that factor; one whose
+    name contains a string of `no_decay` (e.g. "bias") gets no weight decay."""
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -25,15 +26,16 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
             for key, factor in (lr_multipliers or {}).items():
                 if key in name:
                     p_lr = lr * factor
-        groups.setdefault(p_lr, []).append(p)
-    return [{"params": ps, "lr": g_lr, "weight_decay": weight_decay} for g_lr, ps in groups.items()]
+        decay = 0.0 if any(key in name for key in no_decay or ()) else weight_decay
+        groups.setdefault((p_lr, decay), []).append(p)
+    return [{"params": ps, "lr": g_lr, "weight_decay": decay} for (g_lr, decay), ps in groups.items()]
 
 
 def build_optimizer(model: nn.Module, train_cfg, backbone_lr: float) -> torch.optim.Optimizer:
     """AdamW; with train_cfg.shard_optimizer each rank keeps the optimizer state of its share
     of the parameters only (ZeRO stage 1) and broadcasts them after its step."""
     groups = param_groups(model, train_cfg.lr, backbone_lr, train_cfg.weight_decay,
-                          dict(train_cfg.lr_multipliers))
+                          dict(train_cfg.lr_multipliers), list(train_cfg.no_decay))
     if train_cfg.shard_optimizer and torch.distributed.is_initialized():  # one process: no shards
         from fairscale.optim import OSS
 

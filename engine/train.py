@@ -77,7 +77,6 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
             stats = _train_step(model, images, targets, optimizer, scaler, train_cfg, state, device)
             toc = time.perf_counter()
             stats["iter_time"], tic = toc - tic, toc
-            stats["lr"] = optimizer.param_groups[0]["lr"]
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -88,6 +87,33 @@ def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainSta
             if after_step is not None:
                 after_step()
     return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def warmup_factor(iteration: int, warmup_iters: int, ratio: float) -> float:
+    """The linear warm-up's multiplier of the scheduled learning rate at an iteration
+    (counted from 0): from `ratio` up to 1 over `warmup_iters` steps, then 1 (mmcv's linear
+    warm-up)."""
+    if iteration >= warmup_iters:
+        return 1.0
+    return 1.0 - (1.0 - iteration / warmup_iters) * (1.0 - ratio)
+
+
+@contextmanager
+def warmed_up(optimizer, factor: float):
+    """Every group's learning rate times `factor` inside the block, as scheduled after it:
+    the warm-up depends on the iteration alone, so resuming and the epoch scheduler are
+    untouched."""
+    if factor == 1.0:
+        yield
+        return
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, scheduled):
+        group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
 
 
 def _train_step(model, images, targets, optimizer, scaler, train_cfg, state: TrainState, device) -> dict:
@@ -107,7 +133,9 @@ def _train_step(model, images, targets, optimizer, scaler, train_cfg, state: Tra
     if train_cfg.clip_max_norm > 0:
         scaler.unscale_(optimizer)
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_max_norm))
-    scaler.step(optimizer)
+    with warmed_up(optimizer, warmup_factor(state.iteration, train_cfg.warmup_iters, train_cfg.warmup_ratio)):
+        stats["lr"] = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
     scaler.update()
     state.iteration += 1
     state.step_in_epoch += 1

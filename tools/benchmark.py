@@ -7,6 +7,8 @@
     python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
     python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
         --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
+    python tools/benchmark.py --config configs/mask_rcnn_deit_s_adapter.yaml \
+        configs/mask_rcnn_deit_s_adapter_svit.yaml --size 800 1280 --svit-targets   # SViT at its keep targets
     python tools/benchmark.py --config out/dense/config.yaml out/dge/config.yaml \
         --checkpoint out/dense/checkpoint.pth out/dge/checkpoint.pth --image val.jpg   # one each
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
@@ -53,7 +55,13 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
 
 
 def operating_point(backbone, args, inputs: ImageBatch) -> dict:
-    """Force a DGE backbone's routers (--dge-budget / --dge-shares); its realised cost."""
+    """Force a DGE backbone's routers (--dge-budget / --dge-shares) or an SViT backbone's
+    gates (--svit-targets); its realised cost share or keep share."""
+    if hasattr(backbone, "keep_shares"):
+        backbone.forced = args.svit_targets
+        with torch.no_grad():
+            backbone(inputs.tensors)
+        return {"svit_keep": round(float(backbone.keep_shares()[1].mean()), 4)}
     if not hasattr(backbone, "force_budget"):
         return {}
     if args.dge_shares:
@@ -93,7 +101,7 @@ def measure(cfg_path: str, args, checkpoint: str = "") -> dict:
 def print_table(rows: list[dict]) -> None:
     parts = sorted({p for r in rows for p in r["gflops_by_part"]})
     head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "backbone s", "peak MB", "x GFLOPs",
-            "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta"]
+            "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta / SViT keep"]
     print(" | ".join(head))
     base = rows[0]
 
@@ -107,7 +115,8 @@ def print_table(rows: list[dict]) -> None:
                  *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
                  f"{r['latency_s']:.3f}", f"{r['backbone_latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
                  ratio(r, "gflops"), ratio(r, "latency_s"), ratio(r, None, "backbone"),
-                 ratio(r, "backbone_latency_s"), f"{r['dge_beta']:.3f}" if "dge_beta" in r else "-"]
+                 ratio(r, "backbone_latency_s"), f"{r.get('dge_beta', r.get('svit_keep', 0)):.3f}"
+                 if "dge_beta" in r or "svit_keep" in r else "-"]
         print(" | ".join(cells))
 
 
@@ -289,6 +298,8 @@ def main(argv=None) -> list[dict]:
                    "finest / coarsest mix whose backbone cost share beta is this (random weights)")
     p.add_argument("--dge-shares", nargs=3, type=float, metavar=("FINEST", "MIDDLE", "COARSEST"),
                    help="DGE backbones: force these granularity shares of the regions")
+    p.add_argument("--svit-targets", action="store_true", help="SViT backbones: every gated block keeps its "
+                   "target share (0.7, 0.49, 0.343 by quarter; for random weights; default: the gates' own choices)")
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..sparsity.svit import SelectGate, keep_decisions, keep_ratio_loss, keep_targets, svit_update
+from ..sparsity.svit import SelectGate, forced_keep, keep_decisions, keep_ratio_loss, keep_targets, svit_update
 from .vit import ViTBackbone
 from .vit_adapter import ViTAdapterBackbone
 
@@ -23,13 +23,16 @@ class SViTGates:
     """What the SViT backbones share: a gate on each gated block, the gated block loop, the
     ratio loss. ratio_weight: lambda (4); per_image: the share per image (the paper's
     fixed-rate baseline) instead of over the batch; stochastic_eval: sample the gates in
-    evaluation as the authors' released code does (by mistake), for comparison."""
+    evaluation as the authors' released code does (by mistake), for comparison. `forced`:
+    every gated block keeps its target share of each image's tokens (the best by its gate),
+    for benchmarks on random weights."""
 
     def setup_svit(self, dim: int, ratio_weight: float, per_image: bool, stochastic_eval: bool) -> None:
         self.gated, self.targets = keep_targets(len(self.layers))
         for i in self.gated:
             self.layers[i].gate = SelectGate(dim)
         self.ratio_weight, self.per_image, self.stochastic_eval = ratio_weight, per_image, stochastic_eval
+        self.forced = False
         self.keeps: list[Tensor] = []  # the last pass's decisions (B, N) per gated block
         self.token_valid: Tensor | None = None
         self.grid: tuple[int, int] = (0, 0)
@@ -39,9 +42,11 @@ class SViTGates:
         layers = list(self.layers)
         if start == 0:
             self.keeps, self.token_valid, self.grid = [], keep, grid
-        for block in layers[start:stop]:
+        for i, block in enumerate(layers[start:stop], start):
             if hasattr(block, "gate"):
-                decision = keep_decisions(block.gate(tokens), keep, self.training, self.stochastic_eval)
+                log_probs = block.gate(tokens)
+                decision = forced_keep(log_probs, keep, self.targets[self.gated.index(i)]) if self.forced else \
+                    keep_decisions(log_probs, keep, self.training, self.stochastic_eval)
                 self.keeps.append(decision)
                 tokens = svit_update(block, tokens, decision, key_mask)
             else:

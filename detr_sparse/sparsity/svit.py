@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tokens import gather_tokens, kept_from_mask, scatter_tokens
+from .tokens import gather_tokens, keep_counts, kept_from_mask, scatter_tokens, select_top
 
 # the paper's targets for the nine gated blocks 3..11 of a 12-block DeiT: 0.7 ** (1, 2, 3)
 KEEP_TARGETS = (0.7, 0.7, 0.7, 0.49, 0.49, 0.49, 0.343, 0.343, 0.343)
@@ -64,6 +64,15 @@ def keep_decisions(log_probs: Tensor, valid: Tensor | None, training: bool, stoc
     else:
         keep = (log_probs[..., 0] > log_probs[..., 1]).to(log_probs.dtype)
     return keep if valid is None else keep * valid
+
+
+def forced_keep(log_probs: Tensor, valid: Tensor | None, share: float) -> Tensor:
+    """(B, N) decisions keeping `share` of each image's valid tokens (the token core's
+    count, int(valid * share) + 1), the best by keep log-probability: an operating point for
+    benchmarks on random weights, whose cost depends on the kept count only."""
+    padding = torch.zeros(log_probs.shape[:2], dtype=torch.bool, device=log_probs.device) if valid is None else ~valid
+    kept = select_top(log_probs[..., 0] - log_probs[..., 1], keep_counts(padding, share), padding)
+    return kept.dense(log_probs.shape[1]).to(log_probs.dtype)
 
 
 def svit_update(block: Callable[[Tensor, Tensor | None], Tensor], x: Tensor, keep: Tensor,

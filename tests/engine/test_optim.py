@@ -26,3 +26,32 @@ def test_sharded_optimizer_gives_the_same_losses_and_resumes(tiny_coco, tmp_path
     assert len(train_losses(runs["plain"])) == 6
     assert train_losses(runs["plain"]) == pytest.approx(train_losses(runs["sharded"]), rel=1e-5)
     assert _same(checkpoint_model(runs["plain"]), checkpoint_model(runs["sharded"]))
+
+
+def test_no_decay_names_get_no_weight_decay_and_groups_split_by_lr_and_decay():
+    from engine.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.backbone = torch.nn.Linear(4, 4)  # "backbone." parameters get the backbone's lr
+    groups = param_groups(model, 1e-4, 1e-5, 0.05, no_decay=["bias", "1."])
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["0.weight"])] == (1e-4, 0.05)
+    assert by_param[id(named["0.bias"])] == (1e-4, 0.0)
+    assert by_param[id(named["1.weight"])] == (1e-4, 0.0)  # the norm, by name
+    assert by_param[id(named["backbone.weight"])] == (1e-5, 0.05)
+    assert by_param[id(named["backbone.bias"])] == (1e-5, 0.0)
+    assert len(groups) == 4
+
+
+def test_linear_warm_up_multiplies_the_scheduled_lr_and_restores_it():
+    from engine.train import warmed_up, warmup_factor
+
+    assert warmup_factor(0, 10, 0.001) == pytest.approx(0.001)
+    assert warmup_factor(5, 10, 0.001) == pytest.approx(0.5005)
+    assert warmup_factor(10, 10, 0.001) == warmup_factor(0, 0, 0.001) == 1.0
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with warmed_up(optimizer, 0.5):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+

@@ -146,3 +146,14 @@ def test_two_stage_runs_report_what_they_predict(tiny_coco, tmp_path):
     assert set(stats) == {"bbox", "panoptic"} and 0 <= stats["panoptic"]["PQ"] <= 1
     for t in (mask_rcnn, panoptic):
         t.close()
+
+
+def test_a_warmed_up_run_logs_the_warmed_lr_and_ends_on_the_schedule(tiny_coco, tmp_path):
+    trainer = _trainer(tiny_coco, tmp_path, **{"train.epochs": 2, "train.warmup_iters": 4, "train.warmup_ratio": 0.2,
+                                               "train.eval_every": 100})
+    trainer.train()
+    trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    # 4 iterations per epoch: the first four warm up from 0.2 x, the rest run at the scheduled lr
+    assert lrs == pytest.approx([1e-4 * (1 - (1 - i / 4) * 0.8) for i in range(4)] + [1e-4] * 4)
