@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from detr_sparse.backbones.vit import ViTBlock
-from detr_sparse.sparsity.svit import (KEEP_TARGETS, SelectGate, keep_decisions, keep_ratio_loss, keep_targets,
-                                       svit_update)
+from detr_sparse.sparsity.svit import (KEEP_TARGETS, SelectGate, forced_keep, keep_decisions, keep_ratio_loss,
+                                       keep_targets, svit_update)
 
 
 def _block() -> ViTBlock:
@@ -102,3 +102,15 @@ def test_evaluation_decisions_are_deterministic_unless_asked_to_sample():
     assert torch.equal(first, (log_probs[..., 0] > log_probs[..., 1]).float())
     sampled = [keep_decisions(log_probs, None, training=False, stochastic=True) for _ in range(2)]
     assert not torch.equal(*sampled)
+
+
+def test_forced_keep_keeps_the_target_share_of_each_images_tokens_by_gate_score():
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(2, 20, 2), -1)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, 10:] = False
+    keep = forced_keep(log_probs, valid, 0.5)
+    assert keep.sum(1).tolist() == [11, 6]  # int(valid * share) + 1, as the token core counts
+    assert not keep[~valid].any()
+    score = log_probs[0, :, 0] - log_probs[0, :, 1]
+    assert set(score.topk(11).indices.tolist()) == set(keep[0].nonzero().flatten().tolist())
