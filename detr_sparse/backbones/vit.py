@@ -30,8 +30,9 @@ from torchvision.ops.misc import Conv2dNormActivation
 from ..transformers.detr_transformer import apply_in_chunks
 from .levels import LEVEL_NAMES, check_backbone_args
 
-_MODELS = {"deit_t": (192, 12, 3), "deit_s": (384, 12, 6), "deit_b": (768, 12, 12),
-           "vit_b": (768, 12, 12)}  # embedding dim, depth, heads
+# embedding dim, depth, heads; deit_mini (DeiT-T's width, 4 blocks) for the synthetic sets
+_MODELS = {"deit_mini": (192, 4, 3), "deit_t": (192, 12, 3), "deit_s": (384, 12, 6), "deit_b": (768, 12, 12),
+           "vit_b": (768, 12, 12)}
 # DeiT (timm) checkpoint names -> torchvision's, inside encoder block i
 _TIMM_BLOCK = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight",
                "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from ..transformers.ms_deform_attn import MSDeformAttn
-from .vit import ViTBackbone, token_sizes, valid_tokens, zero_outside
+from .vit import ViTBackbone, load_converted_state, read_state, token_sizes, valid_tokens, zero_outside
 
 C_STRIDES = (8, 16, 32)  # the levels of c the interactions exchange (the stride-4 map is not)
+ADAPTER_PARTS = ("spm.", "level_embed", "interactions.", "up.", "norms.")  # state-dict prefixes
 
 
 def _masks(sizes: list[tuple[int, int]], shape: tuple[int, int], stride: int, device) -> Tensor | None:
@@ -192,7 +193,21 @@ class ViTAdapterBackbone(ViTBackbone):
             module.apply(_init_adapter)
 
     def fresh(self, key: str) -> bool:
-        return key.startswith(("spm.", "level_embed", "interactions.", "up.", "norms."))
+        """The adapter, which a classification checkpoint does not hold."""
+        return key.startswith(ADAPTER_PARTS)
+
+    def learnt_in_pretraining(self, key: str) -> bool:
+        """What tools/pretrain_backbone.py saves: the ViT and the adapter, trained together."""
+        return not self.fresh(key) or key.startswith(ADAPTER_PARTS)
+
+    def load_pretrained(self, path: str) -> None:
+        """A dense DeiT / ViT state dict (the adapter starts fresh), or one this project's
+        pretraining wrote of a ViT-Adapter (the adapter loads too)."""
+        what = "DeiT / ViT state dict of the same size, or a pretrained ViT-Adapter of it"
+        state = read_state(path, what)
+        with_adapter = any(k.startswith(ADAPTER_PARTS) for k in state)
+        wanted = {k for k in self.state_dict() if not self.fresh(k) or (with_adapter and k.startswith(ADAPTER_PARTS))}
+        load_converted_state(self, path, wanted, self._from_checkpoint, what, state)
 
     def forward(self, x: Tensor, sizes: list[tuple[int, int]] | None = None) -> "OrderedDict[str, Tensor]":
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]

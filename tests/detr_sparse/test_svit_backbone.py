@@ -114,3 +114,22 @@ def test_builder_makes_each_variant_with_its_settings():
         assert type(backbone) is cls and list(backbone.output_shape()) == ["res3", "res4"]
         if cls is not ViTAdapterBackbone:
             assert backbone.ratio_weight == 2.0 and backbone.stochastic_eval and backbone.gated == list(range(3, 12))
+
+
+def test_a_pretrained_adapter_loads_with_its_vit_and_a_plain_deit_leaves_the_adapter_fresh(tmp_path):
+    torch.manual_seed(0)
+    pretrained = ViTAdapterBackbone("deit_mini_adapter")
+    saved = {k: v for k, v in pretrained.state_dict().items() if pretrained.learnt_in_pretraining(k)}
+    assert any(k.startswith("spm.") for k in saved) and any(k.startswith("layers.") for k in saved)
+    torch.save(saved, tmp_path / "adapter.pth")
+    sparse = SViTAdapterBackbone("deit_mini_adapter_svit", pretrained=str(tmp_path / "adapter.pth"))
+    mine = sparse.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in saved.items())
+    assert sparse.gated == [1, 2, 3]
+    # a classification checkpoint (ViT only): the adapter keeps its initialisation
+    torch.save({k: v for k, v in saved.items() if not pretrained.fresh(k)}, tmp_path / "vit.pth")
+    torch.manual_seed(1)
+    plain = ViTAdapterBackbone("deit_mini_adapter", pretrained=str(tmp_path / "vit.pth"))
+    assert torch.equal(plain.state_dict()["layers.encoder_layer_0.ln_1.weight"],
+                       saved["layers.encoder_layer_0.ln_1.weight"])
+    assert not torch.equal(plain.state_dict()["spm.project.0.weight"], saved["spm.project.0.weight"])
