@@ -111,6 +111,20 @@ def test_dge_backbone_at_a_forced_budget_against_its_dense_baseline(capsys):
     assert "DGE beta" in capsys.readouterr().out
 
 
+def test_svit_backbone_at_its_keep_targets_against_its_dense_baseline(capsys):
+    small_heads = ["model.rcnn.fpn_channels=32", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
+                   "model.rcnn.rpn_post_nms_top_n_test=50"]
+    rows = benchmark.main(["--config", str(REPO / "configs/mask_rcnn_deit_s_adapter.yaml"),
+                           str(REPO / "configs/mask_rcnn_deit_s_adapter_svit.yaml"), "--size", "160", "224",
+                           "--runs", "1", "--warmup", "0", "--svit-targets", "--opts", *small_heads])
+    dense, svit = rows
+    # the targets' mean, 0.511, each image keeping int(N * t) + 1 of its N tokens
+    assert "svit_keep" not in dense and abs(svit["svit_keep"] - 0.511) < 0.02
+    ratio = svit["gflops_by_part"]["backbone"] / dense["gflops_by_part"]["backbone"]
+    assert ratio < 0.9  # the gathered blocks compute on the kept tokens only
+    assert "SViT keep" in capsys.readouterr().out
+
+
 def test_dge_training_forms_are_timed_against_the_dense_backbone(capsys):
     rows = benchmark.main(["--component", "dge_train", "--dge-backbone", "pvt_t_dge", "--size", "64", "96",
                            "--batch", "2", "--runs", "1", "--warmup", "0"])
