@@ -222,3 +222,22 @@ def test_a_dge_backbone_trains_with_its_budget_loss_and_predicts_each_image_at_i
     # each image's regions only: the second image (90 x 70) is padded to 96 x 96 in the batch
     label, choice, px = model.backbone.granularity_maps()[0]
     assert (choice[1] >= 0).sum() == -(-90 // px) * -(-70 // px)
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn", "panoptic_fpn"])
+def test_an_svit_adapter_backbone_trains_with_its_ratio_loss_and_predicts_each_image_at_its_size(name):
+    model = _model("model.backbone.name=deit_mini_adapter_svit", f"model.name={name}",
+                   is_thing=[True, True, False] if name == "panoptic_fpn" else None).train()
+    assert not model.backbone.is_pyramid and model.neck.fpn is not None  # the adapter's maps get an FPN
+    images, targets = _padded_batch()  # with panoptic_fpn, label 2 is a stuff region
+    outputs = model(images, targets)
+    assert {"loss_keep_ratio", "svit_keep", "svit_keep1", "svit_keep2", "svit_keep3"} <= set(outputs)
+    sum(v for k, v in outputs.items() if k.startswith("loss")).backward()
+    assert model.backbone.layers[1].gate.net[1].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        predictions = model(images)
+    for p, (h, w) in zip(predictions, images.sizes.tolist()):
+        assert p["masks"].shape[-2:] == (h, w)
+    usage = model.backbone.token_usage()
+    assert usage.shape[0] == 2 and (usage[1] == -1).any()  # the second image is padded in the batch
