@@ -89,9 +89,7 @@ def visualize_backbone_batch(model, images, targets, class_names: list[str], thr
         betas, grains = backbone.image_shares()
         blocks = [m[0] for m in backbone.granularity_maps()]
     else:
-        valid = backbone.token_valid
-        keeps = torch.stack(backbone.keeps)  # (L, B, N)
-        shares = keeps.sum(2) / (keeps.shape[2] if valid is None else valid.sum(1))
+        shares = backbone.image_keep_shares()  # (L, B)
     rows = []
     for i, (h, w) in enumerate(images.sizes.tolist()):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())

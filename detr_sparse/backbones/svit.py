@@ -57,6 +57,12 @@ class SViTGates:
         """The last pass's ratio loss (unweighted) and each gated block's keep share (L,)."""
         return keep_ratio_loss(self.keeps, self.token_valid, self.targets, self.per_image)
 
+    def image_keep_shares(self) -> Tensor:
+        """The last pass's keep share of each image's tokens per gated block, (L, B)."""
+        keeps = torch.stack(self.keeps)
+        count = keeps.shape[2] if self.token_valid is None else self.token_valid.sum(1)
+        return keeps.sum(2) / count
+
     def token_usage(self) -> Tensor:
         """The last pass's count of gated blocks each token went through, (B, h, w) on the
         stride-16 grid, -1 outside the images."""
