@@ -268,7 +268,9 @@ class ViTBackbone(nn.Module):
         """x (B, 3, H, W) padded to the patch size -> tokens (B, N, C) with position
         embeddings, the grid, each image's (B, N) token mask and the (B, 1, 1, N) key mask
         (None when every image fills the grid)."""
-        x = self.conv_proj(x)  # (B, C, ceil(H/16), ceil(W/16))
+        # channels-last: the tokens are then the patch embedding's own (contiguous) view; a
+        # transposed residual stream would cost every block's norms and adds a strided copy
+        x = self.conv_proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, ceil(H/16), ceil(W/16))
         grid = tuple(x.shape[-2:])
         valid = token_sizes(sizes, self.patch_size)
         keep = valid_tokens(grid, valid, x.device)

