@@ -194,7 +194,9 @@ class ViTAdapterBackbone(ViTBackbone):
             Interaction(dim, a["deform_heads"], a["points"], a["cffn_ratio"], a["drop_path"], a["init_values"],
                         3 if i == 3 else 1) for i in range(4))
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(4))
+        # a map not asked for has no norm (an unused parameter would stop DDP)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(dim) if n in self.out_features else nn.Identity()
+                                   for n in ("res2", "res3", "res4", "res5"))
         for module in [self.spm, self.interactions, self.up]:
             module.apply(_init_adapter)
 
@@ -211,6 +213,9 @@ class ViTAdapterBackbone(ViTBackbone):
         pretraining wrote of a ViT-Adapter (the adapter loads too)."""
         what = "DeiT / ViT state dict of the same size, or a pretrained ViT-Adapter of it"
         state = read_state(path, what)
+        # the norms of maps this backbone does not output (pretrained with them) are not needed
+        unused = tuple(f"norms.{i}." for i, norm in enumerate(self.norms) if isinstance(norm, nn.Identity))
+        state = {k: v for k, v in state.items() if not (unused and k.startswith(unused))}
         with_adapter = any(k.startswith(ADAPTER_PARTS) for k in state)
         wanted = {k for k in self.state_dict() if not self.fresh(k) or (with_adapter and k.startswith(ADAPTER_PARTS))}
         load_converted_state(self, path, wanted, self._from_checkpoint, what, state)

@@ -133,3 +133,16 @@ def test_a_pretrained_adapter_loads_with_its_vit_and_a_plain_deit_leaves_the_ada
     assert torch.equal(plain.state_dict()["layers.encoder_layer_0.ln_1.weight"],
                        saved["layers.encoder_layer_0.ln_1.weight"])
     assert not torch.equal(plain.state_dict()["spm.project.0.weight"], saved["spm.project.0.weight"])
+
+
+def test_without_res5_every_adapter_parameter_gets_a_gradient_and_a_four_map_pretraining_loads(tmp_path):
+    # an unused parameter would stop DDP; a pretraining that built all four maps still loads
+    four = ViTAdapterBackbone("deit_mini_adapter")
+    torch.save({k: v for k, v in four.state_dict().items() if four.learnt_in_pretraining(k)}, tmp_path / "a.pth")
+    three = ViTAdapterBackbone("deit_mini_adapter", out_features=("res2", "res3", "res4"),
+                               pretrained=str(tmp_path / "a.pth"))
+    torch.testing.assert_close(three.norms[0].weight, four.norms[0].weight)
+    out = three(torch.randn(1, 3, 64, 96))
+    assert list(out) == ["res2", "res3", "res4"]
+    sum(o.sum() for o in out.values()).backward()
+    assert [n for n, p in three.named_parameters() if p.grad is None] == []
