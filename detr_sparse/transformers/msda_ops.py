@@ -78,14 +78,14 @@ msda_reference.register_autograd(_reference_backward, setup_context=_save_inputs
 # wheels): built without -fopenmp, the kernel runs on one thread (measured: 2 threads 49.5 ->
 # 26.9 ms with it). The process's OpenMP runtime is torch's own (same soname), so
 # torch.set_num_threads governs the kernel too.
-_OPENMP = "-fopenmp" if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else ""
+_OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
 
 
-def _build(flag: str) -> None:
+def _build(flags: list[str]) -> None:
     from torch.utils.cpp_extension import load
 
-    load(name="detr_sparse_msda_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"] + ([flag] if flag else []),
-         extra_ldflags=[flag] if flag else [], is_python_module=False, verbose=False)
+    load(name="detr_sparse_msda_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3", *flags], extra_ldflags=flags,
+         is_python_module=False, verbose=False)
 
 
 @functools.cache
@@ -95,7 +95,7 @@ def _kernel():
     # concerns CUDA builds only
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     error = None
-    for flags in ([_OPENMP] if _OPENMP else []) + [""]:
+    for flags in [["-fopenmp"]] * _OPENMP + [[]]:
         try:
             _build(flags)
             break

@@ -138,6 +138,8 @@ def test_a_pretrained_adapter_loads_with_its_vit_and_a_plain_deit_leaves_the_ada
 def test_without_res5_every_adapter_parameter_gets_a_gradient_and_a_four_map_pretraining_loads(tmp_path):
     # an unused parameter would stop DDP; a pretraining that built all four maps still loads
     four = ViTAdapterBackbone("deit_mini_adapter")
+    with torch.no_grad():
+        four.norms[0].weight.uniform_(0.5, 1.5)  # a trained norm, not the default ones
     torch.save({k: v for k, v in four.state_dict().items() if four.learnt_in_pretraining(k)}, tmp_path / "a.pth")
     three = ViTAdapterBackbone("deit_mini_adapter", out_features=("res2", "res3", "res4"),
                                pretrained=str(tmp_path / "a.pth"))
