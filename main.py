@@ -13,7 +13,7 @@ import sys
 
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, load_config
-from engine.distributed import broadcast_object, cleanup, init_distributed
+from engine.distributed import barrier, broadcast_object, cleanup, init_distributed
 from engine.logger import setup_logging
 from engine.memory import reuse_freed_memory
 from engine.run_guard import OutputInUseError, OutputLock, exit_with_agent
@@ -80,6 +80,8 @@ def main(argv=None) -> dict:
             log.warning("--eval without a checkpoint: evaluating randomly initialised weights")
         stats = trainer.evaluate() if args.eval else trainer.train()
         trainer.close()
+        # no rank leaves before all are done: rank 0's process hosts the store the others use
+        barrier()
         return stats
     except USER_ERRORS as e:
         fail(f"error: {e}")

@@ -1,5 +1,6 @@
 """Shared test constants and config overrides (fixtures live in conftest.py)."""
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -20,6 +21,16 @@ def tiny_overrides(data_root, output_dir, **extra) -> list[str]:
         "data.val_size=80", "data.num_workers=0", "train.batch_size=2", "eval.batch_size=2",
         "train.log_every=1", "train.lr=1e-4", "device=cpu"]
     return opts + [f"{k}={v}" for k, v in extra.items()]
+
+
+def run_checked(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run that, when the command fails, fails the test with the end of its
+    output (a launch's error is in its stderr, which pytest would not otherwise show)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-60:])
+        raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... exited {done.returncode}:\n{tail}")
+    return done
 
 
 def train_losses(out) -> list[float]:

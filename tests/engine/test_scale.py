@@ -1,7 +1,6 @@
 import copy
 import functools
 import os
-import subprocess
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from engine.distributed import DistInfo
 from engine.logger import setup_logging
 from engine.scale import checkpoint_activations
 from engine.trainer import Trainer
-from helpers import REPO, tiny_overrides, train_losses
+from helpers import REPO, run_checked, tiny_overrides, train_losses
 
 
 def test_activation_checkpointing_gives_the_sametrain_losses(tiny_coco, tmp_path):
@@ -66,8 +65,8 @@ def test_bf16_gradient_compression_stays_close_to_the_plain_run(tiny_coco, tmp_p
     for mode in ("none", "bf16"):
         out = tmp_path / mode
         opts = tiny_overrides(tiny_coco, out, **{"train.epochs": 2, "train.grad_compression": mode})
-        subprocess.run(["bash", str(REPO / "launch.sh"), "--config", str(REPO / "configs/detr_r50.yaml"),
-                        "--opts", *opts], cwd=tmp_path, env=env, check=True, timeout=300)
+        run_checked(["bash", str(REPO / "launch.sh"), "--config", str(REPO / "configs/detr_r50.yaml"),
+                        "--opts", *opts], cwd=tmp_path, env=env)
         losses[mode] = train_losses(out)
     assert losses["none"][0] == losses["bf16"][0]  # the first forward precedes any reduction
     assert losses["none"] == pytest.approx(losses["bf16"], rel=2e-2)

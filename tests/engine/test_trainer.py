@@ -1,12 +1,11 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import REPO, tiny_overrides
+from helpers import REPO, run_checked, tiny_overrides
 from engine.config import load_config
 from engine.distributed import DistInfo
 from engine.logger import setup_logging
@@ -92,7 +91,7 @@ def test_two_process_torchrun_trains_logs_and_evaluates(tiny_coco, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(REPO / "main.py"), "--config", str(REPO / "configs/detr_r50.yaml"), "--opts", *opts]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
+    run_checked(cmd, cwd=tmp_path, env=env)
     assert (out / "checkpoint.pth").is_file() and (out / "config.yaml").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -103,7 +102,7 @@ def test_two_process_torchrun_trains_logs_and_evaluates(tiny_coco, tmp_path):
     # the checkpoint evaluates alone
     cmd = [sys.executable, str(REPO / "main.py"), "--config", str(out / "config.yaml"), "--eval",
            "--resume", str(out / "checkpoint.pth")]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=300)
+    run_checked(cmd, cwd=tmp_path, env=env)
 
 
 def test_synthetic_folder_made_with_other_arguments_is_not_overwritten(tiny_coco, tmp_path):
