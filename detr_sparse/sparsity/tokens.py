@@ -1,7 +1,8 @@
 """The mechanics every token-sparsity method shares (DESIGN.md): choose a number of tokens
 per image, keep the best-scored ones (never padding), gather them out of the dense token
 map, put the computed ones back, and report how many were kept, and where (inside the
-ground-truth boxes or not).
+ground-truth boxes or not). Kept tokens can also be packed end to end into containers of one
+length, with the mask that keeps each token to its own group (`pack_layout`).
 
 A kept set is batched as (B, K) with K the largest count of the batch; `KeptTokens.mask`
 marks the slots that hold a kept token. The other slots point at real tokens too (the next
@@ -77,6 +78,18 @@ def straight_through_gates(logits: Tensor, training: bool, tau: float = 1.0) -> 
         return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
     # a scatter, not F.one_hot (which checks its classes' range: several reductions per call)
     return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+def binary_concrete(logits: Tensor, training: bool, threshold: float = 0.01, tau: float = 1.0) -> Tensor:
+    """Select-or-not decisions (floats, 1 selected) from logits (...). Training: a relaxed
+    Bernoulli sample u = sigmoid((logits + logistic noise) / tau), selected where u >
+    threshold, with u's gradient (straight-through); otherwise sigmoid(logits) > threshold,
+    without noise."""
+    if not training:
+        return (logits.sigmoid() > threshold).to(logits.dtype)
+    noise = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    u = ((logits + noise.log() - torch.log1p(-noise)) / tau).sigmoid()
+    return (u > threshold).to(u.dtype) - u.detach() + u
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
@@ -156,3 +169,73 @@ def box_shares(counts: Tensor, prefix: str) -> dict[str, Tensor]:
     """`kept_in_boxes` counts -> {prefix_in_boxes, prefix_outside}: the kept shares."""
     return {f"{prefix}_in_boxes": counts[0] / counts[1].clamp(min=1),
             f"{prefix}_outside": counts[2] / counts[3].clamp(min=1)}
+
+
+@dataclass
+class Packing:
+    """Tokens of a batch laid end to end into containers of `length` slots. Per packed
+    token, in pack order (T,): `rows`, its row of the batch's flattened map (B * N);
+    `slots`, its slot among the containers' (num * length); `images`, its image; `members`,
+    its position in the image's pack order. `ids` (num, length): the group of each slot
+    (a token attends only within its group), the padding slots each a group of its own."""
+
+    rows: Tensor
+    slots: Tensor
+    images: Tensor
+    members: Tensor
+    ids: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+
+def pack_layout(keep: Tensor, num_tokens: int, length: int, order: Tensor | None = None,
+                groups: Tensor | None = None, align_images: bool = False) -> Packing:
+    """Pack the kept tokens of a batch. keep (B, K) bool over each image's tokens in its pack
+    order; order (B, K) their rows in the image's map of `num_tokens` (default: the map
+    order); groups (B, K) int < 2**20 within an image (default one group): a token's group
+    is its image and group. The images' kept tokens follow one another, only the last
+    container padded; `align_images` starts each image in a container of its own (an
+    image's containers then do not depend on the rest of the batch)."""
+    images, members = keep.nonzero(as_tuple=True)  # image by image, in pack order
+    rows = images * num_tokens + (members if order is None else order[images, members])
+    ids = images << 20
+    if groups is not None:
+        ids = ids + groups[images, members]
+    if align_images:
+        counts = keep.sum(1)
+        room = (counts + length - 1) // length * length
+        first = torch.cumsum(counts, 0) - counts  # each image's first packed token
+        slots = (torch.cumsum(room, 0) - room)[images] + torch.arange(len(images), device=keep.device) \
+            - first[images]
+        total = int(room.sum())
+    else:
+        slots = torch.arange(len(images), device=keep.device)
+        total = -(-len(images) // length) * length
+    slot_ids = -1 - torch.arange(total, device=keep.device)  # padding: a group of its own
+    slot_ids[slots] = ids
+    return Packing(rows, slots, images, members, slot_ids.view(-1, length))
+
+
+def pack_tokens(x: Tensor, packing: Packing) -> Tensor:
+    """x (B, N, C) -> the packed tokens (num, length, C), zeros in the padding slots."""
+    c = x.shape[-1]
+    out = x.new_zeros(packing.ids.numel(), c)
+    return out.index_copy(0, packing.slots, x.reshape(-1, c).index_select(0, packing.rows)).view(*packing.shape, c)
+
+
+def unpack_tokens(x: Tensor, packing: Packing, values: Tensor, add: bool = False) -> Tensor:
+    """x (B, N, C) with the packed tokens' rows replaced by (or, with `add`, increased by)
+    their values (num, length, C). Differentiable in x and values."""
+    c = x.shape[-1]
+    rows = values.reshape(-1, c).index_select(0, packing.slots)
+    flat = x.reshape(-1, c)
+    out = flat.index_add(0, packing.rows, rows) if add else flat.index_copy(0, packing.rows, rows)
+    return out.view_as(x)
+
+
+def block_diagonal_mask(ids: Tensor) -> Tensor:
+    """ids (num, length) -> (num, length, length) bool: True where a slot may attend to
+    another, the two being of one group."""
+    return ids[:, :, None] == ids[:, None, :]

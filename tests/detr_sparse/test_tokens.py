@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from detr_sparse.sparsity.tokens import (box_shares, gather_tokens, keep_counts, keep_statistics, kept_from_mask,
-                                         kept_in_boxes, scatter_tokens, select_top, token_centres)
+from detr_sparse.sparsity.tokens import (binary_concrete, block_diagonal_mask, box_shares, gather_tokens, keep_counts,
+                                         keep_statistics, kept_from_mask, kept_in_boxes, pack_layout, pack_tokens,
+                                         scatter_tokens, select_top, token_centres, unpack_tokens)
 
 
 def _padding():
@@ -103,3 +104,60 @@ def test_kept_in_boxes_counts_valid_tokens_inside_and_outside_the_thing_boxes():
     shares = box_shares(counts, "poll")
     assert shares["poll_in_boxes"].item() == pytest.approx(2 / 3) and shares["poll_outside"].item() == pytest.approx(1 / 3)
     assert box_shares(torch.zeros(4), "poll")["poll_in_boxes"] == 0  # no box: 0, not nan
+
+
+def _two_image_keep():
+    keep = torch.zeros(2, 6, dtype=torch.bool)
+    keep[0, [0, 2, 3, 5]] = True  # 4 kept
+    keep[1, [1, 4]] = True  # 2 kept
+    return keep
+
+
+def test_packing_lays_the_kept_tokens_end_to_end_and_pads_only_the_last_container():
+    keep = _two_image_keep()
+    packing = pack_layout(keep, 6, length=4)
+    assert packing.shape == (2, 4)
+    assert packing.rows.tolist() == [0, 2, 3, 5, 6 + 1, 6 + 4]
+    assert packing.slots.tolist() == list(range(6))
+    assert (packing.ids[0] == 0).all() and (packing.ids[1, :2] == 1 << 20).all()
+    assert packing.ids[1, 2:].tolist() == [-7, -8]  # each padding slot a group of its own
+    aligned = pack_layout(keep, 6, length=4, align_images=True)
+    assert aligned.slots.tolist() == [0, 1, 2, 3, 4, 5]  # image 1 starts the second container
+    aligned = pack_layout(keep.flip(0), 6, length=4, align_images=True)
+    assert aligned.slots.tolist() == [0, 1, 4, 5, 6, 7] and aligned.shape == (2, 4)
+
+
+def test_pack_then_unpack_is_the_identity_and_order_and_groups_are_followed():
+    torch.manual_seed(0)
+    keep = _two_image_keep()
+    x = torch.randn(2, 6, 3)
+    order = torch.tensor([5, 4, 3, 2, 1, 0]).repeat(2, 1)  # pack order: the map reversed
+    groups = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 1, 0]])
+    packing = pack_layout(keep, 6, length=4, order=order, groups=groups)
+    packed = pack_tokens(x, packing)
+    assert torch.equal(packed[0, 0], x[0, 5])  # the first kept in pack order is map row 5
+    assert torch.equal(packed[1, 2:], torch.zeros(2, 3))
+    assert torch.equal(unpack_tokens(x, packing, packed), x)
+    doubled = unpack_tokens(x, packing, packed, add=True)
+    kept_rows = torch.zeros(2, 6, dtype=torch.bool)
+    kept_rows.view(-1)[packing.rows] = True
+    assert torch.equal(doubled[kept_rows], 2 * x[kept_rows]) and torch.equal(doubled[~kept_rows], x[~kept_rows])
+    allowed = block_diagonal_mask(packing.ids)
+    # container 0: image 0's tokens at map rows 5, 3 (group 1 at members 2, 3 -> rows 3, 2)
+    assert packing.ids[0].tolist() == [0, 1, 1, 0]
+    assert allowed[0].tolist() == [[a == b for b in [0, 1, 1, 0]] for a in [0, 1, 1, 0]]
+    assert not allowed[1, :2, 2:].any() and allowed[1].diagonal().all()  # padding: only itself
+    assert not allowed[1, 2, 3] and packing.images.tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_binary_concrete_selects_by_threshold_in_evaluation_and_passes_gradients_in_training():
+    logits = torch.tensor([-6.0, -4.0, 0.0, 3.0])
+    assert binary_concrete(logits, training=False).tolist() == [0.0, 1.0, 1.0, 1.0]  # sigmoid > 0.01
+    torch.manual_seed(0)
+    logits = torch.zeros(20000, requires_grad=True)
+    picked = binary_concrete(logits, training=True)
+    assert set(picked.unique().tolist()) <= {0.0, 1.0}
+    # P(selected) = P(sigmoid(logit + noise) > 0.01) = sigmoid(logit + 4.595)
+    assert picked.mean().item() == pytest.approx(torch.sigmoid(torch.tensor(4.595)).item(), abs=0.01)
+    picked.sum().backward()
+    assert (logits.grad > 0).all()
