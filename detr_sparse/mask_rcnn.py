@@ -139,23 +139,29 @@ class MaskRCNN(nn.Module):
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % self.size_divisibility, 0, -h % self.size_divisibility))
         sizes = [tuple(s) for s in images.sizes.tolist()]
-        maps, extra = backbone_features(self.backbone, x, targets if self.training else None, sizes)
+        # a backbone that learns from the targets (SPT's selection labels) sees the instances the heads train on
+        instances = self.instance_targets(targets, ours=True) if self.training and targets is not None else None
+        maps, extra = backbone_features(self.backbone, x, instances, sizes)
         image_list = ImageList(x, sizes)
         return image_list, self.neck(maps), extra
 
-    def instance_targets(self, targets: list[dict]) -> list[dict]:
-        """Our targets -> torchvision's: the thing rows that are not crowd and not degenerate
-        (torchvision refuses those), labels shifted to 1..K, masks (N, h, w)."""
+    def instance_rows(self, target: dict) -> Tensor:
+        """(N,) bool: the target's rows the heads train on: things, not crowd, not degenerate
+        (torchvision refuses those)."""
+        boxes = target["boxes"]
+        keep = (self.class_of_label[target["labels"]] > 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return keep & (target["iscrowd"] == 0) if "iscrowd" in target else keep
+
+    def instance_targets(self, targets: list[dict], ours: bool = False) -> list[dict]:
+        """Our targets -> torchvision's: the instance rows (`instance_rows`), labels shifted to
+        1..K (`ours`: the dataset's labels kept), masks (N, h, w)."""
         out = []
         for t in targets:
             if "masks" not in t:
                 raise ValueError(f"{type(self).__name__} trains on instance masks: set data.masks: true")
-            labels = self.class_of_label[t["labels"]]
-            boxes = t["boxes"]
-            keep = (labels > 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            if "iscrowd" in t:
-                keep &= t["iscrowd"] == 0
-            out.append({"boxes": boxes[keep], "labels": labels[keep], "masks": t["masks"][keep]})
+            keep = self.instance_rows(t)
+            labels = t["labels"][keep] if ours else self.class_of_label[t["labels"][keep]]
+            out.append({"boxes": t["boxes"][keep], "labels": labels, "masks": t["masks"][keep]})
         return out
 
     def instance_losses(self, image_list: ImageList, features: dict, targets: list[dict]) -> dict[str, Tensor]:

@@ -33,6 +33,19 @@ class SViTConfig:
 
 
 @dataclass
+class SPTConfig:
+    """The select-and-pack attention backbones (names spt_*)."""
+    select_weight: float = 0.01  # alpha of the selection loss
+    threshold: float = 0.01  # a token is selected when its (relaxed) sigmoid score exceeds it
+    tau: float = 1.0  # temperature of the binary concrete in training
+    region_mask: bool = True  # a token attends only within its shifted-window region too
+    label_from: str = "boxes"  # boxes | masks: the union the selection labels come from
+    # each image in containers of its own in evaluation (results independent of the batch),
+    # images end to end in training (the paper's packing)
+    align_images_eval: bool = True
+
+
+@dataclass
 class BackboneConfig:
     name: str = "resnet50"
     # frozen_bn for ImageNet-pretrained weights (DETR); bn / gn when training from scratch
@@ -50,6 +63,7 @@ class BackboneConfig:
     drop_path_rate: float = 0.0  # stochastic depth of transformer backbones (Swin)
     dge: DGEConfig = field(default_factory=DGEConfig)
     svit: SViTConfig = field(default_factory=SViTConfig)
+    spt: SPTConfig = field(default_factory=SPTConfig)
 
 
 @dataclass

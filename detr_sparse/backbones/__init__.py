@@ -2,6 +2,7 @@
 its channels and stride (`output_shape()`)."""
 from .dge import DGEPVTBackbone, DGEViTBackbone
 from .resnet import ResNetBackbone
+from .spt import SPTBackbone
 from .pvt import PVTBackbone
 from .svit import SViTAdapterBackbone, SViTBackbone
 from .swin import SwinBackbone
@@ -13,6 +14,13 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
     if cfg.name.startswith("resnet"):
         return ResNetBackbone(cfg.name, cfg.norm, cfg.dilation, out_features, cfg.pretrained,
                               cfg.channels_last, cfg.freeze_at)
+    if cfg.name.startswith("spt"):
+        if cfg.dilation:
+            raise ValueError("model.backbone.dilation: not supported by spt")
+        t = cfg.spt
+        return SPTBackbone(cfg.name, out_features, cfg.pretrained, cfg.freeze_at, cfg.drop_path_rate,
+                           select_weight=t.select_weight, threshold=t.threshold, tau=t.tau, region_mask=t.region_mask,
+                           label_from=t.label_from, align_images_eval=t.align_images_eval)
     if cfg.name.startswith("swin"):
         # norm and channels_last are ResNet settings and are ignored; dilation would change
         # the strides the rest of the model was configured for, so it is refused

@@ -15,8 +15,17 @@ from torchvision.ops.misc import MLP
 from ..transformers.detr_transformer import apply_in_chunks
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 
-_MODELS = ("swin_t", "swin_s", "swin_b")
+_MODELS = ("swin_t", "swin_s", "swin_b", "swin_mini")
 _PATCH = 4  # stride of the patch embedding
+
+
+def build_swin(name: str) -> torchvision.models.SwinTransformer:
+    """torchvision's Swin by name, untrained; `swin_mini` is Swin-T's layout at a quarter of
+    its width with 4 stage-3 blocks (32 / 64 / 128 / 256 channels), for the synthetic sets."""
+    if name == "swin_mini":
+        return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2, 4, 2],
+                                                  num_heads=[1, 2, 4, 8], window_size=[7, 7])
+    return getattr(torchvision.models, name)(weights=None)
 
 
 class SwinBackbone(nn.Module):
@@ -39,7 +48,7 @@ class SwinBackbone(nn.Module):
                  pretrained: str = "", freeze_at: int = -1, drop_path_rate: float = 0.2):
         super().__init__()
         check_backbone_args(name, _MODELS, out_features)
-        net = getattr(torchvision.models, name)(weights=None)
+        net = build_swin(name)
         # the builders hard-code stochastic_depth_prob (0.2 / 0.3 / 0.5), so the linear
         # per-block schedule is redone here; it spans all 4 stages even when fewer are built,
         # so a block drops as often as in the full (pretrained) network
@@ -58,10 +67,18 @@ class SwinBackbone(nn.Module):
         self.norms = nn.ModuleDict({n: nn.LayerNorm(self.channels[n]) for n in out_features})
         if pretrained:
             self.load_torchvision_state(pretrained)
-        freeze_at = checked_freeze_at(freeze_at, last)
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop the gradient of the stages `freeze_at` covers (see the class)."""
+        freeze_at = checked_freeze_at(freeze_at, len(self.features) // 2 - 1)
         # features[] = [embed, stage 1, merge, stage 2, merge, ...]: freeze_at k covers 2k - 1
         for p in self.features[: max(2 * freeze_at - 1, 0)].parameters():
             p.requires_grad_(False)
+
+    def fresh(self, key: str) -> bool:
+        """Parameters a classification checkpoint does not hold (the output norms)."""
+        return key.startswith("norms.")
 
     def load_torchvision_state(self, path: str) -> None:
         """Load a torchvision-format Swin state dict (keys `features.0.0.weight`, ...); stages
@@ -71,11 +88,12 @@ class SwinBackbone(nn.Module):
             raise FileNotFoundError(f"model.backbone.pretrained: {path} not found (torchvision "
                                     "Swin weights saved with torch.save(model.state_dict()))")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        wanted = [f"features.{k}" for k in self.features.state_dict()]
+        wanted = [f"features.{k}" for k in self.features.state_dict() if not self.fresh(f"features.{k}")]
         missing = [k for k in wanted if k not in state]
         if missing:
             raise ValueError(f"{path}: missing backbone weights {missing[:8]}")
-        self.features.load_state_dict({k[len("features."):]: state[k] for k in wanted})
+        self.features.load_state_dict({k[len("features."):]: state[k] for k in wanted},
+                                      strict=len(wanted) == len(self.features.state_dict()))
 
     def output_shape(self) -> dict[str, dict[str, int]]:
         return {n: {"channels": self.channels[n], "stride": self.strides[n]} for n in self.out_features}
@@ -173,8 +191,9 @@ class WindowAttention(ShiftedWindowAttention):
         out = F.linear((attn @ v).transpose(1, 2).reshape(-1, n, c), self.proj.weight, self.proj.bias)
         return F.dropout(out, p=self.dropout, training=self.training)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, H, W, C) -> (B, H, W, C)."""
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """x (B, H, W, C) -> (B, H, W, C). key_valid (B, H, W) bool: only these tokens are
+        keys (a window's padding is then left out too, where torchvision attends to zeros)."""
         b, h, w, c = x.shape
         gather, position, mask = self.layout(h, w, x.device)
         (wh, ww) = self.window_size
@@ -184,10 +203,13 @@ class WindowAttention(ShiftedWindowAttention):
         bias = self.get_relative_position_bias()  # (1, heads, N, N)
         if mask is not None:
             bias = (bias + mask[:, None]).repeat(b, 1, 1, 1)  # (B * windows, heads, N, N)
+        if key_valid is not None:  # as the shift mask: -100 (a window wholly outside stays finite)
+            keys = F.pad(key_valid, (0, -w % ww, 0, -h % wh)).flatten(1)[:, gather].view(-1, 1, 1, n)
+            bias = bias + (~keys).to(bias.dtype) * -100.0
         step = max(self.chunk_tokens // n, 1)
         if torch.is_grad_enabled() or windows.shape[0] <= step:
             out = self.attend(windows, bias)
         else:
-            out = torch.cat([self.attend(windows[i:i + step], bias if mask is None else bias[i:i + step])
+            out = torch.cat([self.attend(windows[i:i + step], bias if bias.shape[0] == 1 else bias[i:i + step])
                              for i in range(0, windows.shape[0], step)])
         return out.view(b, -1, c)[:, position].view(b, h, w, c)

@@ -93,7 +93,9 @@ def test_backbone_losses_and_statistics_join_the_outputs_in_training_only():
     model.backbone.__class__ = GatedResNet
     images, targets = _padded_batch()
     out = model.train()(images, targets)
-    assert model.backbone.seen is targets  # our targets (contiguous labels), not torchvision's
+    # the instances the heads train on, with our labels (not torchvision's 1..K)
+    assert [t["labels"].tolist() for t in model.backbone.seen] == [t["labels"].tolist() for t in targets]
+    assert torch.equal(model.backbone.seen[0]["boxes"], targets[0]["boxes"])
     assert {"loss_budget", "keep_ratio", "loss_mask"} <= set(out)
     model.backbone.seen = None
     with torch.no_grad():
