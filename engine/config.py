@@ -40,6 +40,7 @@ class SPTConfig:
     tau: float = 1.0  # temperature of the binary concrete in training
     region_mask: bool = True  # a token attends only within its shifted-window region too
     label_from: str = "boxes"  # boxes | masks: the union the selection labels come from
+    attention: str = "sdpa"  # sdpa | flex: the packed attention's kernel (tools/benchmark.py --component spa)
     # each image in containers of its own in evaluation (results independent of the batch),
     # images end to end in training (the paper's packing)
     align_images_eval: bool = True

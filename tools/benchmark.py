@@ -9,10 +9,13 @@
         --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
     python tools/benchmark.py --config configs/mask_rcnn_deit_s_adapter.yaml \
         configs/mask_rcnn_deit_s_adapter_svit.yaml --size 800 1280 --svit-targets   # SViT at its keep targets
+    python tools/benchmark.py --config configs/mask_rcnn_swin_t.yaml configs/mask_rcnn_spt_t12.yaml \
+        --size 800 1280 --spt-select 0.25    # SPT with a quarter of the tokens selected in every SPA block
     python tools/benchmark.py --config out/dense/config.yaml out/dge/config.yaml \
         --checkpoint out/dense/checkpoint.pth out/dge/checkpoint.pth --image val.jpg   # one each
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
     python tools/benchmark.py --component gather    # the token core's row gather vs torch.gather
+    python tools/benchmark.py --component spa --size 800 1280   # SPA's packed attention vs windows
 
 With several configs, ratios against the first one are printed too (same process, same input).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
@@ -55,8 +58,15 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
 
 
 def operating_point(backbone, args, inputs: ImageBatch) -> dict:
-    """Force a DGE backbone's routers (--dge-budget / --dge-shares) or an SViT backbone's
-    gates (--svit-targets); its realised cost share or keep share."""
+    """Force a DGE backbone's routers (--dge-budget / --dge-shares), an SViT backbone's
+    gates (--svit-targets) or an SPT's selections (--spt-select); its realised cost share,
+    keep share or selected share."""
+    if hasattr(backbone, "selection_usage"):
+        backbone.forced = args.spt_select or None
+        with torch.no_grad():
+            backbone(inputs.tensors)
+        picked = [float(p.mean()) for _, _, p in backbone.record if p is not None]
+        return {"spt_selected": round(sum(picked) / len(picked), 4)}
     if hasattr(backbone, "keep_shares"):
         backbone.forced = args.svit_targets
         with torch.no_grad():
@@ -98,10 +108,13 @@ def measure(cfg_path: str, args, checkpoint: str = "") -> dict:
             **sparse}
 
 
+SHARES = ("dge_beta", "svit_keep", "spt_selected")  # a sparse backbone's operating point
+
+
 def print_table(rows: list[dict]) -> None:
     parts = sorted({p for r in rows for p in r["gflops_by_part"]})
     head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "backbone s", "peak MB", "x GFLOPs",
-            "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta / SViT keep"]
+            "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta / SViT keep / SPT selected"]
     print(" | ".join(head))
     base = rows[0]
 
@@ -115,8 +128,7 @@ def print_table(rows: list[dict]) -> None:
                  *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
                  f"{r['latency_s']:.3f}", f"{r['backbone_latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
                  ratio(r, "gflops"), ratio(r, "latency_s"), ratio(r, None, "backbone"),
-                 ratio(r, "backbone_latency_s"), f"{r.get('dge_beta', r.get('svit_keep', 0)):.3f}"
-                 if "dge_beta" in r or "svit_keep" in r else "-"]
+                 ratio(r, "backbone_latency_s"), next((f"{r[k]:.3f}" for k in SHARES if k in r), "-")]
         print(" | ".join(cells))
 
 
@@ -279,13 +291,51 @@ def gather_component(args) -> list[dict]:
     return rows
 
 
+def spa_component(args) -> list[dict]:
+    """Cost per token of the attention half of a Swin-T stage-3 block (random weights, one
+    image at --size, a shifted block): window attention over every token against SPA's
+    packed attention over the selected ones (gathering, packing and putting back included;
+    sdpa and flex kernels), at selected shares 0.25, 0.5 and 1; forward, no gradient."""
+    from engine.benchmark import time_call
+    from detr_sparse.backbones.spt import SPTBackbone
+    from detr_sparse.sparsity import spa
+
+    block = SPTBackbone("spt_t12", out_features=("res2", "res3", "res4")).eval().features[5][1]
+    h, w = -(-args.size[0] // 16), -(-args.size[1] // 16)
+    g = torch.Generator().manual_seed(0)
+    x, score = torch.randn(1, h, w, 384, generator=g), torch.randn(1, h, w, generator=g)
+    layout = spa.stage_layout([(h, w)], w, 7, block.attn.shift_size[0], x.device)
+    rows = []
+    with torch.no_grad():
+        normed = block.norm1(x)
+        window = time_call(lambda: x + block.attn(normed), args.runs, args.warmup)
+        print(f"window attention: {h * w} tokens, {window * 1e3:.1f} ms, {window / (h * w) * 1e6:.2f} us per token")
+        print("selected share | tokens | containers | kernel | ms | us per selected token | x window's per token")
+        for share in (0.25, 0.5, 1.0):
+            picked = spa.select(score, None, False, 0.01, 1.0, forced=share)
+            packing = spa.packing_of(picked, layout)
+            count = len(packing.rows)
+            for backend in ("sdpa", "flex"):
+                spa.spa_attention(block, x, normed, score, picked, packing, layout, backend)  # compiles flex
+                t = time_call(lambda: spa.spa_attention(block, x, normed, score, picked, packing, layout, backend),
+                              args.runs, args.warmup)
+                ratio = (t / count) / (window / (h * w))
+                rows.append({"component": "spa", "size": list(args.size), "share": share, "tokens": count,
+                             "containers": packing.shape[0], "kernel": backend, "seconds": t,
+                             "window_seconds": window, "per_token_ratio": ratio})
+                print(f"{share} | {count} | {packing.shape[0]} | {backend} | {t * 1e3:.1f} | {t / count * 1e6:.2f} | "
+                      f"{ratio:.2f}")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
     p.add_argument("--component", choices=list(COMPONENTS), help="time one component instead: msda = "
                    "deformable attention sampling, fast kernel vs grid_sample reference; dge_train = a DGE "
                    "backbone's training step, dense vs sparse form (--dge-backbone); gather = the token "
-                   "core's row gather vs torch.gather")
+                   "core's row gather vs torch.gather; spa = SPA's packed attention per selected token vs "
+                   "window attention per token")
     p.add_argument("--dge-backbone", default="pvt_s_dge", help="--component dge_train: the backbone")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
@@ -300,6 +350,8 @@ def main(argv=None) -> list[dict]:
                    help="DGE backbones: force these granularity shares of the regions")
     p.add_argument("--svit-targets", action="store_true", help="SViT backbones: every gated block keeps its "
                    "target share (0.7, 0.49, 0.343 by quarter; for random weights; default: the gates' own choices)")
+    p.add_argument("--spt-select", type=float, default=0.0, help="SPT backbones: every SPA block selects this "
+                   "share of the tokens, the best by score (for random weights; default: the gates' own choices)")
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
@@ -334,7 +386,8 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-COMPONENTS = {"msda": msda_component, "dge_train": dge_component, "gather": gather_component}
+COMPONENTS = {"msda": msda_component, "dge_train": dge_component, "gather": gather_component,
+              "spa": spa_component}
 
 if __name__ == "__main__":
     main()

@@ -47,11 +47,13 @@ class SPTBackbone(SwinBackbone):
     def __init__(self, name: str = "spt_t", out_features=("res2", "res3", "res4", "res5"), pretrained: str = "",
                  freeze_at: int = -1, drop_path_rate: float = 0.2, *, select_weight: float = 0.01,
                  threshold: float = 0.01, tau: float = 1.0, region_mask: bool = True, label_from: str = "boxes",
-                 align_images_eval: bool = True):
+                 attention: str = "sdpa", align_images_eval: bool = True):
         if name not in SPT_MODELS:
             raise ValueError(f"model.backbone.name: unknown SPT '{name}' (one of {sorted(SPT_MODELS)})")
         if label_from not in ("boxes", "masks"):
             raise ValueError(f"model.backbone.spt.label_from: '{label_from}' is not boxes or masks")
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.backbone.spt.attention: '{attention}' is not sdpa or flex")
         swin, extra = SPT_MODELS[name]
         super().__init__(swin, out_features, "", -1, drop_path_rate)
         if len(self.features) < 2 * SPA_STAGES[0] + 2:
@@ -71,6 +73,7 @@ class SPTBackbone(SwinBackbone):
                     block.gate = SPAGate(block.norm1.normalized_shape[0])
         self.select_weight, self.threshold, self.tau = select_weight, threshold, tau
         self.region_mask, self.from_masks, self.align_images_eval = region_mask, label_from == "masks", align_images_eval
+        self.attention = attention
         self.forced: float | None = None
         self.record: list[tuple[int, Tensor, Tensor]] = []  # the last pass: (stage, score, selected)
         self.valid: dict[int, Tensor | None] = {}  # the last pass's valid tokens per stage (B, H, W)
@@ -142,7 +145,7 @@ class SPTBackbone(SwinBackbone):
             score = torch.maximum(block.gate(normed), s_up)
             picked = select(score, valid, self.training, self.threshold, self.tau, self.forced)
             packing = packing_of(picked, layouts[shift], self.region_mask, align)
-            x = spa_block(block, x, normed, score, picked, packing, layouts[shift])
+            x = spa_block(block, x, normed, score, picked, packing, layouts[shift], self.attention)
             self.record.append((index, score, picked))
         return x, score
 

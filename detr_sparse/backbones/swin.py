@@ -17,6 +17,10 @@ from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 
 _MODELS = ("swin_t", "swin_s", "swin_b", "swin_mini")
 _PATCH = 4  # stride of the patch embedding
+# the score of a pair that must not attend: torchvision's -100 leaves exp(-100) ~ 4e-44, a
+# subnormal float that makes the matrix products after the softmax 3-4x slower on a CPU;
+# -1e4 gives exact zeros, and a row with no allowed key stays finite (unlike -inf)
+MASKED = -1e4
 
 
 def build_swin(name: str) -> torchvision.models.SwinTransformer:
@@ -177,18 +181,20 @@ class WindowAttention(ShiftedWindowAttention):
                     for j, cols in enumerate((slice(0, -ww), slice(-ww, -sw or None), slice(-sw or pw, None))):
                         region[rows, cols] = 3 * i + j
                 region = windowed(region)
-                mask = (region[:, None, :] != region[:, :, None]).float() * -100.0
+                mask = (region[:, None, :] != region[:, :, None]).float() * MASKED
             self._layouts[key] = (gather, position, mask)
         return self._layouts[key]
 
     def attend(self, windows: Tensor, bias: Tensor) -> Tensor:
-        """windows (W, N, C) of tokens, bias (W or 1, heads, N, N) -> (W, N, C)."""
+        """windows (W, N, C) of tokens, bias (W or 1, heads, N, N) -> (W, N, C). Through
+        scaled_dot_product_attention: 1.3-2.3x faster on a CPU than the written-out softmax
+        (a shifted Swin-T stage-3 block at 800x1280: 118 -> 51 ms)."""
         n, c, heads = windows.shape[1], windows.shape[2], self.num_heads
         qkv = F.linear(windows, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.view(-1, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
-        attn = F.dropout(attn, p=self.attention_dropout, training=self.training)
-        out = F.linear((attn @ v).transpose(1, 2).reshape(-1, n, c), self.proj.weight, self.proj.bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(len(q), -1, -1, -1),
+                                             dropout_p=self.attention_dropout if self.training else 0.0)
+        out = F.linear(out.transpose(1, 2).reshape(-1, n, c), self.proj.weight, self.proj.bias)
         return F.dropout(out, p=self.dropout, training=self.training)
 
     def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
@@ -203,9 +209,9 @@ class WindowAttention(ShiftedWindowAttention):
         bias = self.get_relative_position_bias()  # (1, heads, N, N)
         if mask is not None:
             bias = (bias + mask[:, None]).repeat(b, 1, 1, 1)  # (B * windows, heads, N, N)
-        if key_valid is not None:  # as the shift mask: -100 (a window wholly outside stays finite)
+        if key_valid is not None:  # as the shift mask (a window wholly outside the image stays finite)
             keys = F.pad(key_valid, (0, -w % ww, 0, -h % wh)).flatten(1)[:, gather].view(-1, 1, 1, n)
-            bias = bias + (~keys).to(bias.dtype) * -100.0
+            bias = bias + (~keys).to(bias.dtype) * MASKED
         step = max(self.chunk_tokens // n, 1)
         if torch.is_grad_enabled() or windows.shape[0] <= step:
             out = self.attend(windows, bias)

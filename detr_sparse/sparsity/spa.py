@@ -116,28 +116,74 @@ def relative_bias(table: Tensor, coords: Tensor, window: int) -> Tensor:
     return table[index].permute(0, 3, 1, 2)
 
 
-def packed_attention(attn: nn.Module, tokens: Tensor, ids: Tensor, coords: Tensor, chunk_tokens: int = 2048
-                     ) -> Tensor:
+def packed_attention(attn: nn.Module, tokens: Tensor, ids: Tensor, coords: Tensor, backend: str = "sdpa",
+                     chunk_tokens: int = 2048) -> Tensor:
     """Attention within containers: tokens (n, L, C), ids (n, L) the group of each slot,
     coords (n, L, 2) -> (n, L, C). `attn` holds a Swin window attention's qkv, proj,
-    relative_position_bias_table, num_heads, window_size and dropouts. Without gradients
-    the containers go in chunks, so a chunk's query/key/value stay in cache."""
+    relative_position_bias_table, num_heads, window_size and dropouts. `backend`: "sdpa"
+    (scaled_dot_product_attention with each container's mask and bias; without gradients
+    the containers go in chunks, so a chunk's query/key/value stay in cache) or "flex"
+    (flex_attention over the containers laid end to end, with a block mask)."""
     n, length, c = tokens.shape
-    step = max(chunk_tokens // length, 1)
-    if torch.is_grad_enabled() and n > step:
-        step = n
+    heads, window = attn.num_heads, attn.window_size[0]
+    if backend not in ("sdpa", "flex"):
+        raise ValueError(f"model.backbone.spt.attention: '{backend}' is not sdpa or flex")
+    step = n if backend == "flex" or torch.is_grad_enabled() else max(chunk_tokens // length, 1)
     outs = []
     for i in range(0, n, step):
-        part, heads = tokens[i:i + step], attn.num_heads
+        part = tokens[i:i + step]
         qkv = F.linear(part, attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(len(part), length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = relative_bias(attn.relative_position_bias_table, coords[i:i + step], attn.window_size[0])
-        bias = bias.masked_fill(~block_diagonal_mask(ids[i:i + step])[:, None], float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=attn.attention_dropout if attn.training else 0.0)
+        if backend == "flex":
+            out = _flex_containers(q, k, v, ids, coords, attn.relative_position_bias_table, window)
+        else:
+            bias = relative_bias(attn.relative_position_bias_table, coords[i:i + step], window)
+            bias = bias.masked_fill(~block_diagonal_mask(ids[i:i + step])[:, None], float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                                 dropout_p=attn.attention_dropout if attn.training else 0.0)
         out = F.linear(out.transpose(1, 2).reshape(len(part), length, c), attn.proj.weight, attn.proj.bias)
         outs.append(F.dropout(out, p=attn.dropout, training=attn.training))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+FLEX_COMPILED = True  # flex_attention through torch.compile (eager: the reference form, for tests)
+FLEX_BUCKET = 16  # containers are padded to a multiple of this: each new length compiles anew
+_flex = None
+
+
+def _flex_containers(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, coords: Tensor, table: Tensor,
+                     window: int) -> Tensor:
+    """flex_attention over containers laid end to end: q, k, v (n, heads, L, d) -> (n, heads,
+    L, d); a slot sees the slots of its container and group, plus the relative position bias.
+    Compiled with static shapes (the C++ kernel does not compile with dynamic ones here)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex
+    if _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False) if FLEX_COMPILED else flex_attention
+    n, heads, length, d = q.shape
+    extra = -n % FLEX_BUCKET if FLEX_COMPILED else 0
+    if extra:  # padding containers: each slot a group of its own
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, extra)) for t in (q, k, v))
+        ids = torch.cat([ids, ids.min() - 1 - torch.arange(extra * length, device=ids.device).view(extra, length)])
+        coords = F.pad(coords, (0, 0, 0, 0, 0, extra))
+    total = (n + extra) * length
+    q, k, v = (t.transpose(0, 1).reshape(1, heads, total, d) for t in (q, k, v))
+    # contiguous captured tensors: views of one buffer do not lower into the CPU kernel
+    ids, (cy, cx) = ids.flatten(), (t.contiguous() for t in coords.reshape(total, 2).unbind(1))
+    side = 2 * window - 1
+
+    def same_group(b, h, qi, ki):
+        return (qi // length == ki // length) & (ids[qi] == ids[ki])
+
+    def position_bias(score, b, h, qi, ki):
+        dy = (cy[qi] - cy[ki]).clamp(-(window - 1), window - 1) + window - 1
+        dx = (cx[qi] - cx[ki]).clamp(-(window - 1), window - 1) + window - 1
+        return score + table[dy * side + dx, h]
+
+    mask = create_block_mask(same_group, 1, 1, total, total, device=q.device)
+    out = _flex(q, k, v, score_mod=position_bias, block_mask=mask)
+    return out.view(heads, n + extra, length, d)[:, :n].transpose(0, 1)
 
 
 def sample_drop(p: float, batch: int, training: bool, device) -> Tensor | None:
@@ -169,25 +215,32 @@ def packing_of(picked: Tensor, layout: StageLayout, region_mask: bool = True, al
                        groups=layout.region if region_mask else None, align_images=align_images)
 
 
-def spa_block(block: nn.Module, x: Tensor, normed: Tensor, score: Tensor, picked: Tensor, packing: Packing,
-              layout: StageLayout) -> Tensor:
-    """One SPA block on x (B, H, W, C), a torchvision Swin block (norm1, attn, norm2, mlp,
-    stochastic_depth) whose norm1(x) is `normed`: the selected tokens (`picked`, packed by
-    `packing_of`), scaled by sigmoid(score), attend in their containers and add the result;
-    every token then goes through the FFN."""
-    b, h, w, c = x.shape
+def spa_attention(block: nn.Module, x: Tensor, normed: Tensor, score: Tensor, picked: Tensor, packing: Packing,
+                  layout: StageLayout, backend: str = "sdpa") -> Tensor:
+    """x (B, H, W, C) after the attention half of an SPA block (a torchvision Swin block's
+    attn and stochastic_depth; `normed` is its norm1(x)): the selected tokens (`picked`,
+    packed by `packing_of`), scaled by sigmoid(score), attend in their containers and add
+    the result; the others stay as they are."""
+    c = x.shape[-1]
     rows = packing.rows
     weight = (picked * score.sigmoid()).reshape(-1)[rows, None]
     values = normed.reshape(-1, c).index_select(0, rows) * weight
     tokens = values.new_zeros(packing.ids.numel(), c).index_copy(0, packing.slots, values)
     coords = layout.coords.new_zeros(packing.ids.numel(), 2).index_copy(
         0, packing.slots, layout.coords[packing.images, packing.members])
-    out = packed_attention(block.attn, tokens.view(*packing.shape, c), packing.ids, coords.view(*packing.shape, 2))
+    out = packed_attention(block.attn, tokens.view(*packing.shape, c), packing.ids, coords.view(*packing.shape, 2),
+                           backend)
     out = out.reshape(-1, c).index_select(0, packing.slots)
-    drop = sample_drop(block.stochastic_depth.p, b, block.training, x.device)
+    drop = sample_drop(block.stochastic_depth.p, x.shape[0], block.training, x.device)
     if drop is not None:
         out = out * drop[packing.images, None]
-    x = x.reshape(-1, c).index_add(0, rows, out).view_as(x)
+    return x.reshape(-1, c).index_add(0, rows, out).view_as(x)
+
+
+def spa_block(block: nn.Module, x: Tensor, normed: Tensor, score: Tensor, picked: Tensor, packing: Packing,
+              layout: StageLayout, backend: str = "sdpa") -> Tensor:
+    """One SPA block (`spa_attention`, then every token through the FFN)."""
+    x = spa_attention(block, x, normed, score, picked, packing, layout, backend)
     return x + block.stochastic_depth(block.mlp(block.norm2(x)))
 
 

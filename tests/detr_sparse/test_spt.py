@@ -155,3 +155,18 @@ def test_forced_selection_keeps_its_share_and_the_builder_reads_the_config():
     assert shares == pytest.approx([(int(196 * 0.25) + 1) / 196] * 4 + [(int(49 * 0.25) + 1) / 49] * 2)
     with pytest.raises(ValueError, match="label_from"):
         SPTBackbone("spt_mini", label_from="points")
+
+
+def test_flex_attention_gives_what_sdpa_gives(monkeypatch):
+    import detr_sparse.sparsity.spa as spa
+
+    monkeypatch.setattr(spa, "FLEX_COMPILED", False)  # the reference form: no compilation in a test
+    monkeypatch.setattr(spa, "_flex", None)
+    spt, _, batch = _pair_batch()
+    sizes = [(250, 300), (180, 236)]
+    with torch.no_grad():
+        sdpa = spt(batch, sizes)
+        spt.attention = "flex"
+        flex = spt(batch, sizes)
+    for name in sdpa:
+        torch.testing.assert_close(flex[name], sdpa[name], atol=1e-5, rtol=1e-5)
