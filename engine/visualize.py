@@ -120,7 +120,10 @@ def usage_panel(image: torch.Tensor, usage: torch.Tensor, patch_px: int, blocks:
 def backbone_panels(backbone, i: int, image: torch.Tensor) -> list[torch.Tensor]:
     """The last evaluation pass's pictures of a token-sparse backbone for image i of the
     batch (uint8 (3, h, w) image): a DGE backbone's granularity of its pictured blocks, an
-    SViT backbone's token usage; [] for another backbone."""
+    SViT backbone's token usage, an SPT's selection count (how many SPA blocks selected each
+    stride-16 token); [] for another backbone."""
+    if hasattr(backbone, "selection_usage"):
+        return [usage_panel(image, backbone.selection_usage()[i], 16, backbone.spa_blocks)]
     if hasattr(backbone, "granularity_maps"):
         return [grain_panel(image, choice[i], px) for _, choice, px in backbone.granularity_maps()]
     if hasattr(backbone, "token_usage"):
@@ -130,12 +133,12 @@ def backbone_panels(backbone, i: int, image: torch.Tensor) -> list[torch.Tensor]
 
 def has_backbone_pictures(model) -> bool:
     backbone = getattr(model, "backbone", None)
-    return hasattr(backbone, "granularity_maps") or hasattr(backbone, "token_usage")
+    return any(hasattr(backbone, a) for a in ("granularity_maps", "token_usage", "selection_usage"))
 
 
 def has_sparsity_pictures(model) -> bool:
     """A token-sparse detector (token maps) or a detector on a token-sparse backbone (DGE's
-    granularities, SViT's token usage)."""
+    granularities, SViT's token usage, SPT's selections)."""
     return hasattr(model, "token_maps") or has_backbone_pictures(model)
 
 

@@ -10,7 +10,9 @@ granularity each region chose in the pictured blocks (red finest: 16 queries, ye
 coarsest: 1; PVT: the first block of every stage, DeiT: layers 1, 4, 8 and 12), with the
 image's backbone cost share beta and granularity shares over all blocks. A detector on an
 SViT backbone gets its token usage (the redder, the more gated blocks a patch went through),
-with the image's keep share per gated block.
+with the image's keep share per gated block; one on an SPT its selections (the redder, the more
+SPA blocks selected a stride-16 token; stage 4's selections count over their 2 x 2 cells), with
+the image's selected share per SPA stage and the share of the tokens inside its boxes selected.
 
     python tools/visualize_sparsity.py --config out/x/config.yaml --checkpoint out/x/checkpoint.pth \
         --out out/x/sparsity [--num-images 4] [--ratio 0.1] [--opts k=v ...]
@@ -81,11 +83,18 @@ def visualize_backbone_batch(model, images, targets, class_names: list[str], thr
     """A detector on a token-sparse backbone: the detections, then the backbone's panels
     (DGE: the granularity of its pictured blocks, red finest, yellow middle, blue coarsest,
     with each image's cost share beta and granularity shares over all blocks; SViT: the token
-    usage, with each image's keep share per gated block)."""
+    usage, with each image's keep share per gated block; SPT: the selection count, with each
+    image's selected shares)."""
     predictions = model(images)
     backbone = model.backbone
     dge = hasattr(backbone, "granularity_maps")
-    if dge:
+    if hasattr(backbone, "selection_usage"):
+        # the instances the detector trains on (things, not crowd): the selection labels' union
+        on_device = [{k: v.to(images.tensors.device) for k, v in t.items() if torch.is_tensor(v)} for t in targets]
+        objects = [{"boxes": t["boxes"][model.instance_rows(t)] if hasattr(model, "instance_rows") else t["boxes"]}
+                   for t in on_device]
+        spt = {k: v.tolist() for k, v in backbone.image_shares(objects).items()}
+    elif dge:
         betas, grains = backbone.image_shares()
         blocks = [m[0] for m in backbone.granularity_maps()]
     else:
@@ -97,8 +106,11 @@ def visualize_backbone_batch(model, images, targets, class_names: list[str], thr
         row = {"picture": side_by_side([draw_detections(image, prediction, class_names, threshold, targets[i]),
                                         *backbone_panels(backbone, i, image)]),
                "image_id": targets[i]["image_id"], "size": [h, w]}
-        row.update({"blocks": blocks, "beta": betas[i].item(), "grains": grains[i].tolist()} if dge else
-                   {"keep_shares": shares[:, i].tolist()})
+        if hasattr(backbone, "selection_usage"):
+            row.update({k: v[i] for k, v in spt.items()})
+        else:
+            row.update({"blocks": blocks, "beta": betas[i].item(), "grains": grains[i].tolist()} if dge else
+                       {"keep_shares": shares[:, i].tolist()})
         rows.append(row)
     return rows
 
@@ -119,8 +131,8 @@ def main(argv=None) -> list[dict]:
     model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device)
     on_backbone = has_backbone_pictures(model)
     if not hasattr(model, "token_maps") and not on_backbone:
-        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr, *_dge or *_svit "
-                "backbone config")
+        p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr, *_dge, *_svit "
+                "or spt_* backbone config")
     if args.ratio is not None:
         setattr(model, "rho" if hasattr(model, "rho") else "poll_ratio", args.ratio)
     if getattr(model, "rho", 1) <= 0:
@@ -142,6 +154,10 @@ def main(argv=None) -> list[dict]:
             finest, middle, coarsest = row["grains"]
             print(f"{head} backbone cost share {row['beta']:.3f}, regions finest {finest:.3f} middle "
                   f"{middle:.3f} coarsest {coarsest:.3f} (panels: {', '.join(row['blocks'])})")
+            continue
+        if "object_selected" in row:
+            stages = " ".join(f"{k.split('_')[1]} {v:.3f}" for k, v in row.items() if k.startswith("select_"))
+            print(f"{head} selected {stages}; object tokens selected {row['object_selected']:.3f}")
             continue
         if "keep_shares" in row:
             print(f"{head} keep shares of the gated blocks {' '.join(f'{v:.3f}' for v in row['keep_shares'])}")

@@ -183,6 +183,28 @@ class SPTBackbone(SwinBackbone):
             stats["spt_background_selected"] = inside[2] / inside[3].clamp(min=1)
         return torch.as_tensor(loss), stats
 
+    def image_shares(self, targets: list[dict] | None = None) -> dict[str, Tensor]:
+        """The last pass per image (B,): the selected share of each SPA stage's valid tokens
+        (mean over its blocks, `select_res4`, `select_res5`) and, with targets, of the tokens
+        inside the label union (`object_selected`) over all SPA blocks."""
+        out, inside, total = {}, 0.0, 0.0
+        for stage in SPA_STAGES:
+            picked = [p for s, _, p in self.record if s == stage]
+            if not picked:
+                continue
+            valid = self.valid[stage]
+            region = torch.ones_like(picked[0]) if valid is None else valid.to(picked[0].dtype)
+            out[f"select_{LEVEL_NAMES[stage]}"] = torch.stack([(p * region).flatten(1).sum(1) for p in picked]).mean(0) \
+                / region.flatten(1).sum(1).clamp(min=1)
+            if targets is not None:
+                labels = selection_labels(targets, tuple(picked[0].shape[1:]), _PATCH * 2 ** stage,
+                                          self.from_masks).to(region.device) * region
+                inside = inside + sum((p * labels).flatten(1).sum(1) for p in picked)
+                total = total + len(picked) * labels.flatten(1).sum(1)
+        if targets is not None:
+            out["object_selected"] = inside / torch.as_tensor(total).clamp(min=1)
+        return out
+
     def selection_usage(self) -> Tensor:
         """The last pass's count of SPA blocks that selected each stride-16 token (stage 4's
         selections spread over their 2 x 2 stride-16 cells), (B, H/16, W/16); -1 outside the

@@ -170,3 +170,28 @@ def test_flex_attention_gives_what_sdpa_gives(monkeypatch):
         flex = spt(batch, sizes)
     for name in sdpa:
         torch.testing.assert_close(flex[name], sdpa[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_rcnn_on_spt_learns_selection_from_its_instance_boxes():
+    from detr_sparse import build_model
+    from detr_sparse.image_batch import ImageBatch
+    from engine.config import load_config
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [
+        "model.name=mask_rcnn", "model.backbone.name=spt_mini", "model.backbone.out_features=[res2,res3,res4,res5]",
+        "model.rcnn.fpn_channels=32", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16"]).model, 3).train()
+    images = ImageBatch.from_images([torch.randn(3, 96, 128), torch.randn(3, 120, 80)])
+    targets = []
+    for (h, w), box in zip(images.sizes.tolist(), ([8.0, 8.0, 60.0, 40.0], [10.0, 50.0, 70.0, 110.0])):
+        masks = torch.zeros(1, h, w, dtype=torch.bool)
+        masks[0, int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
+        targets.append({"boxes": torch.tensor([box]), "labels": torch.tensor([1]), "masks": masks,
+                        "iscrowd": torch.tensor([0])})
+    losses = model(images, targets)
+    assert {"loss_select", "spt_select_res4", "spt_object_selected", "loss_mask"} <= set(losses)
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    assert model.backbone.features[5][0].gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.eval()(images)
+    assert model.backbone.selection_usage().shape == (2, 8, 8)  # the padded batch's stride-16 grid

@@ -81,3 +81,14 @@ def test_an_svit_backbone_detector_draws_its_token_usage(tiny_coco, tmp_path, ca
         # detections | token usage
         assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (2 * w + GAP, h)
         assert len(row["keep_shares"]) == 9 and all(0 <= s <= 1 for s in row["keep_shares"])
+
+
+def test_an_spt_backbone_detector_draws_its_selections(tiny_coco, tmp_path, capsys):
+    rows, lines = _mask_rcnn_rows(tiny_coco, tmp_path, capsys, "mask_rcnn_spt_t12.yaml", "model.backbone.name=spt_mini",
+                                  "model.rcnn.fpn_channels=32")
+    assert len(rows) == 2 and all("object tokens selected" in line for line in lines)
+    for i, row in enumerate(rows):
+        h, w = row["size"]
+        # detections | selection count
+        assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (2 * w + GAP, h)
+        assert 0 < row["select_res4"] <= 1 and 0 <= row["object_selected"] <= 1
