@@ -128,9 +128,10 @@ def packed_attention(attn: nn.Module, tokens: Tensor, ids: Tensor, coords: Tenso
     heads, window = attn.num_heads, attn.window_size[0]
     if backend not in ("sdpa", "flex"):
         raise ValueError(f"model.backbone.spt.attention: '{backend}' is not sdpa or flex")
-    step = n if backend == "flex" or torch.is_grad_enabled() else max(chunk_tokens // length, 1)
+    step = max(n, 1) if backend == "flex" or torch.is_grad_enabled() else max(chunk_tokens // length, 1)
     outs = []
-    for i in range(0, n, step):
+    # no selected token: one empty pass still, so the block's weights get their (zero) gradient
+    for i in range(0, max(n, 1), step):
         part = tokens[i:i + step]
         qkv = F.linear(part, attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.view(len(part), length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)

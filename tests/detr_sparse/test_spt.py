@@ -195,3 +195,16 @@ def test_a_mask_rcnn_on_spt_learns_selection_from_its_instance_boxes():
     with torch.no_grad():
         model.eval()(images)
     assert model.backbone.selection_usage().shape == (2, 8, 8)  # the padded batch's stride-16 grid
+
+
+def test_a_block_that_selects_nothing_passes_every_token_through_the_ffn_only():
+    spt, _, batch = _pair_batch()
+    spt.train()
+    for gate in [spt.gate0] + [b.gate for s in (5, 7) for b in spt.features[s]]:
+        torch.nn.init.zeros_(gate.weight)
+        torch.nn.init.constant_(gate.bias, -1e3)  # never above the threshold
+    maps, stats = spt.forward_with_losses(batch, [{"boxes": torch.zeros(0, 4)}] * 2, [(250, 300), (180, 236)])
+    assert stats["spt_select_res4"] == 0 and all(torch.isfinite(m).all() for m in maps.values())
+    sum(m.sum() for m in maps.values()).backward()
+    qkv = spt.features[5][0].attn.qkv.weight
+    assert qkv.grad is not None and not qkv.grad.any()  # in the graph, with a zero gradient
