@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.ops.misc import MLP
 
+from ..sparsity.spa import shift_regions
 from ..transformers.detr_transformer import apply_in_chunks
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 
@@ -176,11 +177,7 @@ class WindowAttention(ShiftedWindowAttention):
             position = position.view(ph, pw)[:h, :w].flatten()
             mask = None
             if sh or sw:  # tokens from different regions of the rolled map must not attend
-                region = torch.zeros(ph, pw, device=device)
-                for i, rows in enumerate((slice(0, -wh), slice(-wh, -sh or None), slice(-sh or ph, None))):
-                    for j, cols in enumerate((slice(0, -ww), slice(-ww, -sw or None), slice(-sw or pw, None))):
-                        region[rows, cols] = 3 * i + j
-                region = windowed(region)
+                region = windowed(shift_regions(ph, pw, wh, sh, sw, device))
                 mask = (region[:, None, :] != region[:, :, None]).float() * MASKED
             self._layouts[key] = (gather, position, mask)
         return self._layouts[key]

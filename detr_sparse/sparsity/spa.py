@@ -48,6 +48,18 @@ class SPAGate(nn.Linear):
         return super().forward(x).squeeze(-1)
 
 
+def shift_regions(ph: int, pw: int, window: int, sh: int, sw: int, device=None) -> Tensor:
+    """(ph, pw) long: Swin's shifted-window regions on a map padded to whole windows and
+    rolled by (-sh, -sw): 3 x 3 bands (the body, the last window, the wrapped rows/columns),
+    all 0 without a shift. Tokens of different regions of one window must not attend."""
+    region = torch.zeros(ph, pw, dtype=torch.long, device=device)
+    if sh or sw:
+        for i, rows in enumerate((slice(0, ph - window), slice(ph - window, ph - sh), slice(ph - sh, ph))):
+            for j, cols in enumerate((slice(0, pw - window), slice(pw - window, pw - sw), slice(pw - sw, pw))):
+                region[rows, cols] = 3 * i + j
+    return region
+
+
 @lru_cache(maxsize=256)
 def window_order(h: int, w: int, window: int, shift: int) -> tuple[Tensor, Tensor, Tensor]:
     """An h x w map's tokens in Swin's window order: the map padded to whole windows,
@@ -64,11 +76,7 @@ def window_order(h: int, w: int, window: int, shift: int) -> tuple[Tensor, Tenso
 
     ry, rx = windowed(ys), windowed(xs)
     oy, ox = (ry + sh) % ph, (rx + sw) % pw  # where each rolled position comes from
-    region = torch.zeros(ph, pw, dtype=torch.long)
-    if sh or sw:
-        for i, rows in enumerate((slice(0, ph - window), slice(ph - window, ph - sh), slice(ph - sh, ph))):
-            for j, cols in enumerate((slice(0, pw - window), slice(pw - window, pw - sw), slice(pw - sw, pw))):
-                region[rows, cols] = 3 * i + j
+    region = shift_regions(ph, pw, window, sh, sw)
     real = (oy < h) & (ox < w)
     return (oy * w + ox)[real], torch.stack([ry, rx], 1)[real], windowed(region)[real]
 
