@@ -15,7 +15,8 @@
 # Under SLURM (one launch.sh task per node: `srun --ntasks-per-node 1 bash launch.sh ...`)
 # they default to SLURM_NNODES, SLURM_NODEID, the first host of the allocation and
 # SLURM_JOB_ID. `--max-restarts N` on the command line overrides MAX_RESTARTS.
-# Also: PYTHON (python3.11), DETR_SPARSE_VENV (virtualenv folder, default .venv).
+# Also: PYTHON (python3.11), DETR_SPARSE_VENV (virtualenv folder, default .venv),
+# DETECTRON2=1 (install detectron2 too: from the wheel DETECTRON2_WHEEL, else from source).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -35,7 +36,24 @@ ensure_env() {
     cp requirements.txt "$VENV/requirements.txt"
 }
 
+ensure_detectron2() {
+    # optional: DETECTRON2=1 installs detectron2 into the environment when it is missing, from
+    # DETECTRON2_WHEEL (a wheel file) when given, else from its source repository
+    [ "${DETECTRON2:-0}" = 1 ] || return 0
+    "$VENV/bin/python" -c "import detectron2" 2>/dev/null && return 0
+    echo "launch.sh: installing detectron2 into $VENV" >&2
+    # detectron2's model zoo imports pkg_resources, which setuptools 81 removed
+    if [ -n "${DETECTRON2_WHEEL:-}" ]; then
+        "$VENV/bin/python" -m pip install --quiet "$DETECTRON2_WHEEL" "setuptools<81"
+    else
+        "$VENV/bin/python" -m pip install --quiet "setuptools<81"
+        "$VENV/bin/python" -m pip install --quiet --no-build-isolation \
+            "git+https://github.com/facebookresearch/detectron2.git"
+    fi
+}
+
 ensure_env
+ensure_detectron2
 PY="$VENV/bin/python"
 
 if [ "${1:-}" = "--test" ]; then

@@ -312,6 +312,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     return cfg
 
 
+def backbone_config(options: dict, source: str = "backbone options") -> DictConfig:
+    """A typed `model.backbone` config: the defaults <- `options` (nested dicts for dge, svit,
+    spt); an unknown key or a wrong type is a ConfigError naming it and `source`."""
+    return _merge(OmegaConf.structured(BackboneConfig), options, source)
+
+
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path)

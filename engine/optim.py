@@ -8,15 +8,17 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: float,
-                 lr_multipliers: dict[str, float] | None = None, no_decay: list[str] | None = None) -> list[dict]:
-    """One group per distinct (learning rate, weight decay). A parameter whose name contains
+                 lr_multipliers: dict[str, float] | None = None, no_decay: list[str] | None = None,
+                 backbone_prefix: str = "backbone.") -> list[dict]:
+    """One group per distinct (learning rate, weight decay); the backbone's parameters are
+    those whose name starts with `backbone_prefix`. A parameter whose name contains
     a key of `lr_multipliers` (e.g. "sampling_offsets": 0.1) gets lr * that factor; one whose
     name contains a string of `no_decay` (e.g. "bias") gets no weight decay."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("backbone."):
+        if name.startswith(backbone_prefix):
             if backbone_lr <= 0:
                 p.requires_grad_(False)
                 continue

@@ -1,0 +1,7 @@
+# detectron2's Mask R-CNN with the recipe of configs/mask_rcnn_r18_synthetic.yaml (backbone, heads, data, schedule):
+#   python tools/train_detectron2.py --config-file configs/detectron2/mask_rcnn_r18_synthetic.py
+from pathlib import Path
+
+from detr_sparse.integrations.detectron2_recipe import recipe
+
+model, dataloader, optimizer, lr_multiplier, train, data = recipe(Path(__file__).parents[1] / "mask_rcnn_r18_synthetic.yaml")
