@@ -1,5 +1,6 @@
 """tools/train_detectron2.py: detectron2's loop on a LazyConfig of the project's recipes."""
 import json
+import os
 import sys
 
 import pytest
@@ -37,3 +38,16 @@ def test_a_run_writes_checkpoints_that_resume_and_evaluate(tiny_coco, tmp_path):
     assert iterations(out) == first + [2, 3]  # went on from iteration 2, not from 0
     done = run(tiny_coco, out, ["--eval-only"], f"train.init_checkpoint={out / 'model_final.pth'}")
     assert "copypaste: Task: segm" in done.stdout + done.stderr
+
+
+def test_torchrun_trains_with_two_processes(tiny_coco, tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           str(REPO / "tools" / "train_detectron2.py"), "--config-file",
+           str(REPO / "configs" / "detectron2" / "mask_rcnn_r18_synthetic.py"),
+           "model.backbone.bottom_up.pretrained=''", f"data.root={tiny_coco}", "data.name=tiny_torchrun",
+           "data.synthetic.generate=false", f"train.output_dir={out}", "train.max_iter=2", "train.eval_period=100",
+           "dataloader.train.total_batch_size=4", "dataloader.train.mapper.augmentations.1.short_edge_length=[64]"]
+    run_checked(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (out / "log.txt.rank1").is_file() and (out / "model_final.pth").is_file()
+    assert iterations(out)[-1] == 1
