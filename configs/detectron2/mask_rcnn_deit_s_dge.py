@@ -1,7 +1,8 @@
-# detectron2's Mask R-CNN with the recipe of configs/mask_rcnn_deit_s_dge.yaml (backbone, heads, data, schedule):
+# detectron2's Mask R-CNN, recipe of configs/mask_rcnn_deit_s_dge.yaml:
 #   python tools/train_detectron2.py --config-file configs/detectron2/mask_rcnn_deit_s_dge.py
 from pathlib import Path
 
 from detr_sparse.integrations.detectron2_recipe import recipe
 
-model, dataloader, optimizer, lr_multiplier, train, data = recipe(Path(__file__).parents[1] / "mask_rcnn_deit_s_dge.yaml")
+model, dataloader, optimizer, lr_multiplier, train, data = recipe(
+    Path(__file__).parents[1] / "mask_rcnn_deit_s_dge.yaml")

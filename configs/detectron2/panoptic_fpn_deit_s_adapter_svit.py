@@ -1,8 +1,10 @@
-# detectron2's Panoptic FPN with the recipe of configs/panoptic_fpn_deit_s_adapter_svit.yaml (backbone, heads, data, schedule):
+# detectron2's Panoptic FPN, recipe of configs/panoptic_fpn_deit_s_adapter_svit.yaml:
 #   python tools/train_detectron2.py --config-file configs/detectron2/panoptic_fpn_deit_s_adapter_svit.py
 # The SViT fine-tune starts from the dense detector trained by panoptic_fpn_deit_s_adapter.py.
 from pathlib import Path
 
 from detr_sparse.integrations.detectron2_recipe import recipe
 
-model, dataloader, optimizer, lr_multiplier, train, data = recipe(Path(__file__).parents[1] / "panoptic_fpn_deit_s_adapter_svit.yaml", init_checkpoint="out/detectron2/panoptic_fpn_deit_s_adapter/model_final.pth")
+model, dataloader, optimizer, lr_multiplier, train, data = recipe(
+    Path(__file__).parents[1] / "panoptic_fpn_deit_s_adapter_svit.yaml",
+    init_checkpoint="out/detectron2/panoptic_fpn_deit_s_adapter/model_final.pth")

@@ -1,7 +1,8 @@
-# detectron2's Panoptic FPN with the recipe of configs/panoptic_fpn_pvt_s.yaml (backbone, heads, data, schedule):
+# detectron2's Panoptic FPN, recipe of configs/panoptic_fpn_pvt_s.yaml:
 #   python tools/train_detectron2.py --config-file configs/detectron2/panoptic_fpn_pvt_s.py
 from pathlib import Path
 
 from detr_sparse.integrations.detectron2_recipe import recipe
 
-model, dataloader, optimizer, lr_multiplier, train, data = recipe(Path(__file__).parents[1] / "panoptic_fpn_pvt_s.yaml")
+model, dataloader, optimizer, lr_multiplier, train, data = recipe(
+    Path(__file__).parents[1] / "panoptic_fpn_pvt_s.yaml")

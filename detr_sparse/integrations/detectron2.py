@@ -256,7 +256,8 @@ def register_coco_folder(root: str | Path, splits: tuple[str, ...] = ("train2017
             continue
         if f"{name}_panoptic_separated" not in MetadataCatalog.list():
             panoptic_root = find_png_folder(str(root), split)
-            semantic = write_semantic_pngs(panoptic_json, panoptic_root, root / "annotations" / f"panoptic_semseg_{split}")
+            semantic = write_semantic_pngs(panoptic_json, panoptic_root,
+                                           root / "annotations" / f"panoptic_semseg_{split}")
             register_coco_panoptic_separated(f"{name}_panoptic", panoptic_metadata(panoptic_json), str(root / split),
                                              panoptic_root, str(panoptic_json), str(semantic), str(instances))
         names.append(f"{name}_panoptic_separated")
