@@ -7,6 +7,7 @@ output_dir/checkpoint.pth links to the newest. Resuming tries the newest first a
 to older ones, with a warning, when a file cannot be read."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -89,8 +90,11 @@ def _reason(e: BaseException) -> str:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at `path` (a dict with at least "model"). CheckpointError, one line
-    naming the file and the reason, when it is missing, truncated, corrupt or not one."""
+    """The checkpoint at `path` (a dict with at least "model"; an authors' bare state dict
+    becomes {"model": it}). CheckpointError, one line naming the file and the reason, when it
+    is missing, truncated, corrupt or not one."""
+    from detr_sparse.official import is_official
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: not found")
@@ -101,13 +105,17 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: truncated ({path.stat().st_size} bytes; the "
                               "zip archive's end is missing: was it copied or written completely?)")
     try:
-        # weights_only: checkpoints hold only tensors and plain containers, never pickled code
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: checkpoints hold only tensors and plain containers, never pickled code;
+        # the authors' checkpoints also hold their argparse arguments (plain values)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if head != b"PK\x03\x04":
             raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (no zip archive, "
                                   "nor a legacy torch file)") from e
         raise CheckpointError(f"checkpoint {path}: {_reason(e)}") from e
+    if isinstance(state, dict) and "model" not in state and is_official(state):
+        state = {"model": state}  # an authors' bare state dict
     if not isinstance(state, dict) or "model" not in state:
         what = f"keys {sorted(state)[:6]}" if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path}: not a detr_sparse checkpoint (no 'model' entry; {what})")
@@ -122,6 +130,32 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, source: str, stri
         if strict:
             raise CheckpointError(msg)
         log.warning(msg)
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, source: str, strict: bool = True,
+                       categories: list[int] | None = None, allow_official: bool = True) -> None:
+    """Load the model weights of a checkpoint read by load_checkpoint: a detr_sparse one as
+    it is, an authors' release (detr_sparse.official) converted on the fly, its class heads
+    cut to `categories` (the category id of each class; None: COCO's). strict as in
+    load_model_state. allow_official=False (resuming a run, which needs a detr_sparse training
+    checkpoint): an authors' file is a CheckpointError saying where it can be used."""
+    from detr_sparse.official import ConversionError, convert_state_dict, detect_layout, is_official
+
+    if not is_official(state["model"]):
+        load_model_state(model, state["model"], source, strict)
+        return
+    if not allow_official:
+        what = detect_layout(state["model"]).describe()
+        raise CheckpointError(f"checkpoint {source}: the authors' {what} checkpoint, not a detr_sparse "
+                              f"training checkpoint to resume: evaluate it with --eval --resume {source}, start "
+                              f"from its weights with model.weights={source}, or tools/convert_checkpoint.py it")
+    try:
+        converted = convert_state_dict(state["model"], model, categories, strict=strict, source=str(source),
+                                       args=state.get("args"))
+    except ConversionError as e:
+        raise CheckpointError(f"checkpoint {e}") from e
+    log.info("%s: the authors' %s checkpoint, converted", source, converted.layout.describe())
+    load_model_state(model, converted.state_dict, source, strict)
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -186,5 +220,5 @@ def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
     torch.manual_seed(0)  # random weights (benchmarks, a tool without --checkpoint): the same every run
     model = build_model(model_cfg, num_classes, is_thing).to(device).eval()
     if checkpoint:
-        load_model_state(model, load_checkpoint(checkpoint)["model"], checkpoint)
+        load_model_weights(model, load_checkpoint(checkpoint), checkpoint)
     return model

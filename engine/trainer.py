@@ -108,9 +108,11 @@ class Trainer:
         self.class_names = list(self.val_set.cat_names)
         is_thing = getattr(self.val_set, "is_thing", None)  # panoptic sets: things vs stuff
         self.model = build_model(cfg.model, num_classes, is_thing).to(dist.device)
+        # each label's category id: the rows an authors' class head gives (detr_sparse.official)
+        self.categories = getattr(self.val_set, "label_to_cat_id", None)
         if cfg.model.weights:
-            ckpt.load_model_state(self.model, ckpt.load_checkpoint(cfg.model.weights)["model"],
-                                  cfg.model.weights, strict=False)
+            ckpt.load_model_weights(self.model, ckpt.load_checkpoint(cfg.model.weights), cfg.model.weights,
+                                    strict=False, categories=self.categories)
         checkpoint_activations(self.model, list(cfg.train.activation_checkpointing))
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -156,9 +158,15 @@ class Trainer:
 
     def resume(self, path: str | Path, state: dict | None = None, weights_only: bool = False) -> None:
         state = state if state is not None else ckpt.load_checkpoint(path)
-        ckpt.load_model_state(self.model, state["model"], str(path))
+        # evaluation reads the authors' checkpoints too; a run resumes from its own only
+        ckpt.load_model_weights(self.model, state, str(path), categories=self.categories,
+                                allow_official=weights_only)
         if weights_only:
             return
+        if "optimizer" not in state:
+            raise ckpt.CheckpointError(f"checkpoint {path}: model weights only (no optimizer state), nothing "
+                                       f"to resume: evaluate it with --eval, or start a run from it with "
+                                       f"model.weights={path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
