@@ -18,8 +18,8 @@ from detr_sparse.official import coco_categories, convert_state_dict, head_rows
 from detr_sparse.position_encoding import PositionEmbeddingSine
 from engine.config import load_config
 from helpers import REPO
-from official_reference import (DEFORMABLE_OPTS, DETR_OPTS, ReferenceDeformableDETR, ReferenceDETR,
-                                ReferencePanopticDETR, sine_embedding)
+from official_reference import DETR_OPTS, ReferenceDETR, ReferencePanopticDETR, sine_embedding
+from official_reference_deformable import DEFORMABLE_OPTS, ReferenceDeformableDETR
 
 TOL = 1e-4
 

@@ -1,5 +1,5 @@
 """The project's backbones inside detectron2's Mask R-CNN and Panoptic FPN (run where
-detectron2 is installed: `.ci/run` installs it from ../shared/wheels when that folder exists)."""
+detectron2 is installed: DETECTRON2=1 bash launch.sh --setup)."""
 import json
 
 import numpy as np
