@@ -3,8 +3,6 @@ Swin-T body of Sparse DETR as small models with the authors' state-dict names, w
 the tests from what the authors' code computes (see official_reference.py for the rules)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
