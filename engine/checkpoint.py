@@ -91,8 +91,9 @@ def _reason(e: BaseException) -> str:
 
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint at `path` (a dict with at least "model"; an authors' bare state dict
-    becomes {"model": it}). CheckpointError, one line naming the file and the reason, when it
-    is missing, truncated, corrupt or not one."""
+    becomes {"model": it}, an authors' mmdet one ({"meta", "state_dict"}) {"model": its state
+    dict, "meta"}). CheckpointError, one line naming the file and the reason, when it is
+    missing, truncated, corrupt or not one."""
     from detr_sparse.official import is_official
 
     path = Path(path)
@@ -116,6 +117,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: {_reason(e)}") from e
     if isinstance(state, dict) and "model" not in state and is_official(state):
         state = {"model": state}  # an authors' bare state dict
+    elif isinstance(state, dict) and "model" not in state and is_official(state.get("state_dict") or {}):
+        state = {"model": state["state_dict"], "meta": state.get("meta")}  # mmdet's (uzh-rpg/svit)
     if not isinstance(state, dict) or "model" not in state:
         what = f"keys {sorted(state)[:6]}" if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path}: not a detr_sparse checkpoint (no 'model' entry; {what})")
@@ -145,10 +148,12 @@ def load_model_weights(model: torch.nn.Module, state: dict, source: str, strict:
         load_model_state(model, state["model"], source, strict)
         return
     if not allow_official:
-        what = detect_layout(state["model"]).describe()
-        raise CheckpointError(f"checkpoint {source}: the authors' {what} checkpoint, not a detr_sparse "
-                              f"training checkpoint to resume: evaluate it with --eval --resume {source}, start "
-                              f"from its weights with model.weights={source}, or tools/convert_checkpoint.py it")
+        layout = detect_layout(state["model"])
+        use = (f"train a detector from it with model.backbone.pretrained={source} or model.weights={source}"
+               if layout.backbone_only else f"evaluate it with --eval --resume {source}, start from its weights "
+               f"with model.weights={source}")
+        raise CheckpointError(f"checkpoint {source}: the authors' {layout.describe()} checkpoint, not a detr_sparse "
+                              f"training checkpoint to resume: {use}, or tools/convert_checkpoint.py it")
     try:
         converted = convert_state_dict(state["model"], model, categories, strict=strict, source=str(source),
                                        args=state.get("args"))

@@ -23,6 +23,20 @@ def tiny_overrides(data_root, output_dir, **extra) -> list[str]:
     return opts + [f"{k}={v}" for k, v in extra.items()]
 
 
+def one_line_error(fn, *args, **kwargs) -> str:
+    """The message of the ConversionError or CheckpointError that fn(*args, **kwargs) raises,
+    checked to be one line."""
+    import pytest
+
+    from detr_sparse.official import ConversionError
+    from engine.checkpoint import CheckpointError
+
+    with pytest.raises((ConversionError, CheckpointError)) as e:
+        fn(*args, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def run_checked(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run that, when the command fails, fails the test with the end of its
     output (a launch's error is in its stderr, which pytest would not otherwise show)."""

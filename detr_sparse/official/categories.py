@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .layout import ConversionError
+from .errors import ConversionError
 
 # COCO 2017 detection: 80 ids of 1..90 (DETR's head: 91 id rows + no-object)
 COCO_THING_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,

@@ -1,7 +1,8 @@
 """An authors' state dict -> the state dict of this project's model of the same network:
-every official key renamed (names.py), the class heads cut to the dataset's classes
-(categories.py), and the result checked against the model: an unknown official key, a key
-of ours left without a value, or a shape that differs is an error naming them."""
+every official key renamed (names.py; the ViT formats: vtpack.py, svit.py), the class heads cut
+to the dataset's classes (categories.py), and the result checked against the model: an unknown
+official key, a key of ours left without a value, or a shape that differs is an error naming
+them."""
 from __future__ import annotations
 
 import re
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import svit, vtpack
 from .categories import coco_categories, head_rows
 from .layout import ConversionError, Layout, detect_layout
 
@@ -18,13 +20,17 @@ from .layout import ConversionError, Layout, detect_layout
 _RESHAPED = re.compile(r"sampler\.score\.\d\.weight|.*\.relative_position_index")
 # buffers of ours that describe the dataset, not the weights: kept as the model was built
 _DATASET_BUFFERS = ("is_thing",)
+_VIT_FORMATS = {"vtpack": vtpack, "svit_mmdet": svit}  # format -> its module
+_CLASS_HEADS = {"detr": "class_embed.weight", "pnp_detr": "class_embed.weight",  # (others: class_embed.0)
+                "svit_mmdet": "roi_heads.box_predictor.cls_score.weight"}
 
 
 @dataclass
 class Converted:
     """state_dict: the model's state dict; sources: our key -> the official key it came from
-    ("" for the model's own dataset buffers); aliases: official keys that repeat another
-    (held twice by the authors' model) -> that key; categories: the ids of our classes."""
+    ("" for the model's own dataset buffers; "a+b" for a concatenation of official keys);
+    aliases: official keys that repeat another (held twice by the authors' model) -> that key;
+    categories: the ids of our classes (none for a backbone)."""
 
     state_dict: dict[str, Tensor]
     sources: dict[str, str]
@@ -47,6 +53,8 @@ def head_kind(layout: Layout, key: str) -> str | None:
 
 def _model_problems(layout: Layout, model: nn.Module) -> list[str]:
     """How the model differs from the checkpoint's network beyond what its keys show."""
+    if layout.format in _VIT_FORMATS:
+        return _VIT_FORMATS[layout.format].problems(layout, model)
     from ..backbones.swin import SwinBackbone
     from ..deformable_detr import DeformableDETR
     from ..detr import DETR
@@ -95,10 +103,10 @@ def _args_problems(args, model: nn.Module) -> list[str]:
 
 def _categories(layout: Layout, ours: dict[str, Tensor], categories, source: str) -> list[int]:
     """The category ids of the model's classes: given, or COCO's when the class count is."""
-    key = "class_embed.weight" if layout.format in ("detr", "pnp_detr") else "class_embed.0.weight"
+    key = _CLASS_HEADS.get(layout.format, "class_embed.0.weight")
     if key not in ours:
         raise ConversionError(f"{source}: the config's model has no class head '{key}'")
-    count = ours[key].shape[0] - (1 if layout.format in ("detr", "pnp_detr") else 0)
+    count = ours[key].shape[0] - (1 if layout.format in _CLASS_HEADS else 0)  # no-object / background row
     if categories is None:
         if count not in (80, 133):
             raise ConversionError(f"{source}: the config's model has {count} classes, not COCO's 80 (or 133 "
@@ -109,12 +117,13 @@ def _categories(layout: Layout, ours: dict[str, Tensor], categories, source: str
     return list(categories)
 
 
-def _key_problems(produced: dict[str, Tensor], ours: dict[str, Tensor], strict: bool) -> list[str]:
-    """The converted keys the model does not have, the keys of ours without a value (strict)
-    and the shapes that differ, each kind named in one item."""
+def _key_problems(produced: dict[str, Tensor], ours: dict[str, Tensor], strict: bool,
+                  required: set[str] = frozenset()) -> list[str]:
+    """The converted keys the model does not have, the keys of ours without a value (strict;
+    the `required` ones always) and the shapes that differ, each kind named in one item."""
     problems = []
     extra = [k for k in produced if k not in ours]
-    missing = [k for k in ours if k not in produced] if strict else []
+    missing = [k for k in ours if k not in produced and (strict or k in required)]
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in produced.items()
               if k in ours and v.shape != ours[k].shape]
     for label, keys in (("keys the config's model does not have", extra),
@@ -132,14 +141,19 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module, categori
     `fmt`). categories: the category id of each of the model's classes (its label order),
     None for COCO's; strict: every key of the model must get a value (False: the ones the
     checkpoint lacks keep the model's, e.g. a new mask branch); args: the checkpoint's
-    training arguments, checked against the model when given. ConversionError (one line,
-    naming `source` and the keys) for whatever does not fit."""
+    training arguments, checked against the model when given. A backbone's weights (vtpack)
+    go to `model` itself when it is that backbone, else to its `backbone`; all of that
+    backbone's pretrained keys are required either way. ConversionError (one line, naming
+    `source` and the keys) for whatever does not fit."""
     layout = detect_layout(state_dict, fmt, source)
     its_config = f"(its config: configs/{layout.config(training_arg(args, 'dilation'))})"
     problems = _model_problems(layout, model) + ([] if args is None else _args_problems(args, model))
     if problems:
         raise ConversionError(f"{source}: {layout.describe()}: {'; '.join(problems)} {its_config}")
     produced, sources, aliases, unknown = {}, {}, {}, []
+    merged, prefix = {}, vtpack.target(model)[1] if layout.backbone_only else ""
+    if layout.format == "vtpack":  # q and kv -> one projection
+        state_dict, merged = vtpack.merged(state_dict, source)
     for key, value in state_dict.items():
         repeated = layout.alias_of(key)
         if repeated is not None:
@@ -152,13 +166,19 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module, categori
             if name is None:
                 unknown.append(key)
             else:
-                produced[name], sources[name] = value, key
+                produced[prefix + name], sources[prefix + name] = value, merged.get(key, key)
     if unknown:
         raise ConversionError(f"{source}: {len(unknown)} keys unknown to the {layout.describe()} "
                               f"conversion: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     ours = model.state_dict()
-    categories = _categories(layout, ours, categories, source)
+    categories = list(categories or []) if layout.backbone_only else _categories(layout, ours, categories, source)
+    module = _VIT_FORMATS.get(layout.format)
+    plan = svit.context(state_dict, model, categories, source) if layout.format == "svit_mmdet" else {}
     for name, value in produced.items():
+        if module is not None:
+            if name in ours:
+                produced[name] = module.transform(name, value, tuple(ours[name].shape), sources[name], plan)
+            continue
         kind = head_kind(layout, name)
         if kind is not None:
             produced[name] = value.index_select(0, head_rows(kind, value.shape[0], categories, sources[name]))
@@ -167,8 +187,10 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module, categori
     for name in _DATASET_BUFFERS:
         if name in ours and name not in produced:
             produced[name], sources[name] = ours[name].clone(), ""
-    problems = _key_problems(produced, ours, strict)
+    problems = _key_problems(produced, ours, strict, vtpack.required(model) if layout.backbone_only else set())
     if problems:
+        hint = (" (a classification backbone: train a detector from it with model.backbone.pretrained or "
+                "model.weights)") if layout.backbone_only else ""
         raise ConversionError(f"{source}: {layout.describe()} does not fit the config's model: "
-                              f"{'; '.join(problems)} {its_config}")
+                              f"{'; '.join(problems)} {its_config}{hint}")
     return Converted(produced, sources, aliases, layout, categories)

@@ -24,7 +24,7 @@ from detr_sparse.official import (ConversionError, coco_categories, convert_stat
 from engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, load_model_weights
 from engine.config import load_config
 from engine.trainer import Trainer
-from helpers import REPO, tiny_overrides
+from helpers import REPO, one_line_error, tiny_overrides
 from official_reference import DETR_OPTS, ReferenceDETR
 
 FACTS = Path(__file__).parent / "official_keys"
@@ -146,13 +146,6 @@ def test_a_dataset_of_its_own_categories(tmp_path):
         convert_state_dict(official, coco_model("deformable_detr_r50.yaml"), categories=[2, 7])
     with pytest.raises(ConversionError, match=r"has 2 classes, not COCO's 80 .*--categories"):
         convert_state_dict(official, model)
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises((ConversionError, CheckpointError)) as e:
-        fn(*args, **kwargs)
-    assert "\n" not in str(e.value)
-    return str(e.value)
 
 
 def test_unknown_keys_wrong_shapes_and_misfits_are_named():
