@@ -256,6 +256,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 2
+    # the arithmetic of evaluation and of the tools' forward passes: fp32 | bf16 (autocast, AMX
+    # matmuls on CPUs that have them) | fp16 (CUDA only); training's train.amp is separate
+    precision: str = "fp32"
     num_vis_images: int = 4  # val images drawn with their predictions in TensorBoard
     vis_score_threshold: float = 0.5
 

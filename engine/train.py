@@ -28,15 +28,16 @@ class TrainState:
     step_in_epoch: int = 0  # steps of `epoch` already done (a checkpoint taken mid-epoch)
 
 
-def autocast(device: torch.device, amp: str):
-    """bf16 on CPU or CUDA, fp16 on CUDA only; "none" runs in fp32."""
-    if amp == "none":
+def autocast(device: torch.device, amp: str, key: str = "train.amp"):
+    """bf16 on CPU or CUDA, fp16 on CUDA only; "none" / "fp32" run in fp32. `key`: the
+    config key the mode came from, named in the error."""
+    if amp in ("none", "fp32"):
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
-        raise ValueError(f"train.amp: unknown mode '{amp}' (none | bf16 | fp16)")
+        raise ValueError(f"{key}: unknown mode '{amp}' (none or fp32 | bf16 | fp16)")
     if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError("train.amp: fp16 needs CUDA; use bf16 on the CPU")
+        raise ValueError(f"{key}: fp16 needs CUDA; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -143,17 +144,17 @@ def _train_step(model, images, targets, optimizer, scaler, train_cfg, state: Tra
 
 
 @torch.no_grad()
-def evaluate(model, loader, evaluators, device, amp: str = "none", show_progress: bool = True,
+def evaluate(model, loader, evaluators, device, precision: str = "fp32", show_progress: bool = True,
              on_batch=None) -> dict:
-    """Evaluation over `loader` with one evaluator or a list of them (COCO boxes, PQ);
-    `on_batch(images, targets, predictions)` sees every batch (visualisation). Returns the
-    evaluators' summarize() merged (the same on every rank)."""
+    """Evaluation over `loader` with one evaluator or a list of them (COCO boxes, PQ), in
+    `precision` (eval.precision); `on_batch(images, targets, predictions)` sees every batch
+    (visualisation). Returns the evaluators' summarize() merged (the same on every rank)."""
     evaluators = evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]
     model.eval()
     with progress(loader, "eval", show_progress) as batches:
         for images, targets in batches:
             images, targets = to_device(images, targets, device)
-            with autocast(device, amp):
+            with autocast(device, precision, "eval.precision"):
                 predictions = model(images)
             predictions = [{k: _to_cpu(v) for k, v in p.items()} for p in predictions]
             targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]

@@ -22,7 +22,7 @@ from .distributed import DistInfo, all_gather_objects, barrier
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, optimizer_state
 from .scale import checkpoint_activations, wrap_ddp
-from .train import TrainState, evaluate, train_one_epoch
+from .train import TrainState, autocast, evaluate, train_one_epoch
 from .visualize import denormalize, draw_detections, has_sparsity_pictures, sparsity_pictures
 
 log = logging.getLogger("detr_sparse.trainer")
@@ -116,6 +116,7 @@ class Trainer:
         checkpoint_activations(self.model, list(cfg.train.activation_checkpointing))
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        autocast(dist.device, cfg.train.amp), autocast(dist.device, cfg.eval.precision, "eval.precision")  # checked now
         fp16 = cfg.train.amp == "fp16" and dist.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
         self.state = TrainState()
@@ -197,7 +198,7 @@ class Trainer:
                 sparsity.extend(sparsity_pictures(self.model, images, count - len(sparsity)))
 
         stats = evaluate(self.model, self.val_loader, evaluators, self.dist.device,
-                         self.cfg.train.amp, self.dist.is_main, show if self.dist.is_main else None)
+                         self.cfg.eval.precision, self.dist.is_main, show if self.dist.is_main else None)
         flat = {f"{iou}_{k}": v for iou, d in stats.items() for k, v in d.items()}
         self.run_logger.scalars("val", flat, self.state.iteration, epoch=self.state.epoch)
         for i, image in enumerate(shown):

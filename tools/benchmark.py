@@ -2,7 +2,7 @@
 --train, training throughput for 1 and 2 processes (one thread each) and the scaling.
 
     python tools/benchmark.py --config configs/detr_r50.yaml configs/detr_r50_dc5.yaml \
-        --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--json] [--opts k=v ...]
+        --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--precision fp32 bf16] [--json] [--opts k=v ...]
     python tools/benchmark.py --train --config configs/detr_r18_synthetic.yaml [--processes 1 2]
     python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
     python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
@@ -17,7 +17,9 @@
     python tools/benchmark.py --component gather    # the token core's row gather vs torch.gather
     python tools/benchmark.py --component spa --size 800 1280   # SPA's packed attention vs windows
 
-With several configs, ratios against the first one are printed too (same process, same input).
+With several configs, ratios against the first one are printed too (same process, same input);
+with --precision fp32 bf16, a row for each (bf16: autocast, the matmuls on AMX where the CPU
+has it; the deformable sampling kernel computes in fp32).
 GFLOPs count a multiply-add as one, as the detection papers do (engine/benchmark.py)."""
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
+from engine.train import autocast  # noqa: E402
 
 
 def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBatch:
@@ -84,7 +87,8 @@ def operating_point(backbone, args, inputs: ImageBatch) -> dict:
     return {"dge_forced": backbone.forced, **shares}
 
 
-def measure(cfg_path: str, args, checkpoint: str = "") -> dict:
+def measure(cfg_path: str, args, checkpoint: str = "") -> list[dict]:
+    """One row per --precision: GFLOPs (counted once), latency, backbone latency, memory."""
     cfg = load_config(cfg_path, args.opts)
     device = resolve_device(cfg.device)
     model = build_eval_model(cfg.model, args.num_classes, checkpoint, device)
@@ -95,17 +99,21 @@ def measure(cfg_path: str, args, checkpoint: str = "") -> dict:
     # the deformable attention's sampling, counted by its operator's formula (the reference
     # tables' counter leaves grid_sample out, so totals minus this compare with them)
     sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
-    with peak_memory(device) as mem:
-        latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
-    # the backbone alone, on what the model hands it (the batch tensor)
-    backbone_latency = 0.0 if backbone is None else \
-        measure_latency(backbone, inputs.tensors, runs=args.runs, warmup=args.warmup)
-    return {"config": cfg_path, "size": list(args.size), "batch": args.batch,
-            "gflops": round(flops.total, 6), "gflops_deform_sampling": round(sampling, 6),
-            "gflops_by_part": {k: round(v, 6) for k, v in flops.by_part.items()},
-            "latency_s": round(latency, 4), "backbone_latency_s": round(backbone_latency, 4),
-            "peak_mem_mb": round(mem["mb"], 1), "threads": torch.get_num_threads(), "device": str(device),
-            **sparse}
+    rows = []
+    for precision in args.precision or [cfg.eval.precision]:
+        with autocast(device, precision, "--precision"):
+            with peak_memory(device) as mem:
+                latency = measure_latency(model, inputs, runs=args.runs, warmup=args.warmup)
+            # the backbone alone, on what the model hands it (the batch tensor)
+            backbone_latency = 0.0 if backbone is None else \
+                measure_latency(backbone, inputs.tensors, runs=args.runs, warmup=args.warmup)
+        rows.append({"config": cfg_path, "precision": precision, "size": list(args.size), "batch": args.batch,
+                     "gflops": round(flops.total, 6), "gflops_deform_sampling": round(sampling, 6),
+                     "gflops_by_part": {k: round(v, 6) for k, v in flops.by_part.items()},
+                     "latency_s": round(latency, 4), "backbone_latency_s": round(backbone_latency, 4),
+                     "peak_mem_mb": round(mem["mb"], 1), "threads": torch.get_num_threads(),
+                     "device": str(device), **sparse})
+    return rows
 
 
 SHARES = ("dge_beta", "svit_keep", "spt_selected")  # a sparse backbone's operating point
@@ -113,7 +121,7 @@ SHARES = ("dge_beta", "svit_keep", "spt_selected")  # a sparse backbone's operat
 
 def print_table(rows: list[dict]) -> None:
     parts = sorted({p for r in rows for p in r["gflops_by_part"]})
-    head = ["config", "GFLOPs", "w/o sampling", *parts, "latency s", "backbone s", "peak MB", "x GFLOPs",
+    head = ["config", "precision", "GFLOPs", "w/o sampling", *parts, "latency s", "backbone s", "peak MB", "x GFLOPs",
             "x latency", "x backbone GFLOPs", "x backbone s", "DGE beta / SViT keep / SPT selected"]
     print(" | ".join(head))
     base = rows[0]
@@ -124,7 +132,7 @@ def print_table(rows: list[dict]) -> None:
         return f"{mine / theirs:.3f}" if theirs else "-"
 
     for r in rows:
-        cells = [Path(r["config"]).stem, f"{r['gflops']:.1f}", f"{r['gflops'] - r['gflops_deform_sampling']:.1f}",
+        cells = [Path(r["config"]).stem, r["precision"], f"{r['gflops']:.1f}", f"{r['gflops'] - r['gflops_deform_sampling']:.1f}",
                  *(f"{r['gflops_by_part'].get(p, 0):.1f}" for p in parts),
                  f"{r['latency_s']:.3f}", f"{r['backbone_latency_s']:.3f}", f"{r['peak_mem_mb']:.0f}",
                  ratio(r, "gflops"), ratio(r, "latency_s"), ratio(r, None, "backbone"),
@@ -353,6 +361,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--spt-select", type=float, default=0.0, help="SPT backbones: every SPA block selects this "
                    "share of the tokens, the best by score (for random weights; default: the gates' own choices)")
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="forward passes in each of these (autocast; default: the config's eval.precision); "
+                        "a row each, ratios against the first row")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")
@@ -378,7 +389,7 @@ def main(argv=None) -> list[dict]:
             p.error(f"--checkpoint: {len(args.checkpoint)} files for {len(args.config)} configs (give one or one each)")
         checkpoints = args.checkpoint * len(args.config) if len(args.checkpoint) == 1 else \
             args.checkpoint or [""] * len(args.config)
-        rows = [measure(c, args, w) for c, w in zip(args.config, checkpoints)]
+        rows = [row for c, w in zip(args.config, checkpoints) for row in measure(c, args, w)]
         print_table(rows)
     if args.json:
         for r in rows:

@@ -8,7 +8,8 @@ model keeps (Sparse DETR's encoder tokens, PnP-DETR's polled tokens), and of tho
         --ratio 0.1 0.2 0.3 0.5 1.0 [--size H W] [--json]
 
 GFLOPs and latency are measured on one input: a random --size image, or by default the first
-val image at its evaluation size. Sparse DETR at rho 0 runs the dense encoder."""
+val image at its evaluation size. Sparse DETR at rho 0 runs the dense encoder. Evaluation and
+latency run in the config's eval.precision (`--opts eval.precision=bf16`: bf16 autocast)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import DistInfo, resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
-from engine.train import evaluate  # noqa: E402
+from engine.train import autocast, evaluate  # noqa: E402
 from engine.trainer import build_evaluators, make_loader  # noqa: E402
 from engine.visualize import sparsity_maps  # noqa: E402
 
@@ -53,17 +54,19 @@ def kept_shares(model, loader, device, is_thing=None) -> tuple[float, float]:
     return (counts[0] / counts[1]).item(), (counts[2] / counts[3]).item()
 
 
-def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], runs: int) -> list[dict]:
+def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], runs: int,
+             precision: str = "fp32") -> list[dict]:
+    """A row per ratio; evaluation and latency in `precision` (eval.precision)."""
     attribute = ratio_attribute(model)
+    device = inputs.tensors.device
     transformer_parts = [p for p in model.parts if p not in ("backbone", "mask head", "other")]
     rows = []
     for ratio in ratios:
         setattr(model, attribute, ratio)
-        results = evaluate(model, loader, build_evaluators(model, val_set), inputs.tensors.device,
-                           show_progress=False)
+        results = evaluate(model, loader, build_evaluators(model, val_set), device, precision, show_progress=False)
         stats = results["bbox"]
         flops = count_flops(model, inputs, model.parts)
-        inside, outside = kept_shares(model, loader, inputs.tensors.device, getattr(val_set, "is_thing", None))
+        inside, outside = kept_shares(model, loader, device, getattr(val_set, "is_thing", None))
         sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
         rows.append({"ratio": ratio, "AP": stats["AP"], "AP50": stats["AP50"],
                      **({"PQ": results["panoptic"]["PQ"]} if "panoptic" in results else {}),
@@ -71,21 +74,26 @@ def tradeoff(model, val_set, loader, inputs: ImageBatch, ratios: list[float], ru
                      "gflops_without_sampling": flops.total - sampling,
                      "gflops_encoder": flops.by_part["encoder"],
                      "gflops_transformer": sum(flops.by_part[p] for p in transformer_parts),
-                     "latency_s": measure_latency(model, inputs, runs=runs),
+                     "precision": precision, "latency_s": _latency(model, inputs, runs, precision),
                      "kept_in_boxes": inside, "kept_outside": outside})
     return rows
+
+
+def _latency(model, inputs: ImageBatch, runs: int, precision: str) -> float:
+    with autocast(inputs.tensors.device, precision, "eval.precision"):
+        return measure_latency(model, inputs, runs=runs)
 
 
 def print_table(rows: list[dict]) -> None:
     pq = "PQ" in rows[0]
     print("ratio | AP | AP50 | " + ("PQ | " if pq else "") +
-          "GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s | "
+          "GFLOPs | w/o sampling | encoder GFLOPs | transformer GFLOPs | latency s | precision | "
           "kept in boxes | kept outside")
     for r in rows:
         print(f"{r['ratio']:g} | {r['AP']:.3f} | {r['AP50']:.3f} | " + (f"{r['PQ']:.3f} | " if pq else "") +
               f"{r['gflops']:.3f} | "
               f"{r['gflops_without_sampling']:.3f} | {r['gflops_encoder']:.3f} | "
-              f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f} | "
+              f"{r['gflops_transformer']:.3f} | {r['latency_s']:.4f} | {r['precision']} | "
               f"{r['kept_in_boxes']:.3f} | {r['kept_outside']:.3f}")
 
 
@@ -115,7 +123,7 @@ def main(argv=None) -> list[dict]:
     else:
         pixels = val_set[0][0]
     inputs = ImageBatch.from_images([pixels]).to(device)
-    rows = tradeoff(model, val_set, loader, inputs, args.ratio, args.runs)
+    rows = tradeoff(model, val_set, loader, inputs, args.ratio, args.runs, cfg.eval.precision)
     print_table(rows)
     if args.json:
         for r in rows:

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import read_write
 
 from helpers import REPO, run_checked, tiny_overrides
 from engine.config import load_config
@@ -156,3 +157,20 @@ def test_a_warmed_up_run_logs_the_warmed_lr_and_ends_on_the_schedule(tiny_coco, 
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     # 4 iterations per epoch: the first four warm up from 0.2 x, the rest run at the scheduled lr
     assert lrs == pytest.approx([1e-4 * (1 - (1 - i / 4) * 0.8) for i in range(4)] + [1e-4] * 4)
+
+
+def test_eval_precision_bf16_evaluates_under_autocast_and_a_bad_mode_stops_at_the_start(tiny_coco, tmp_path):
+    trainer = _trainer(tiny_coco, tmp_path / "bf16", **{"eval.precision": "bf16", "train.amp": "none"})
+    dtypes = []
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    stats = trainer.evaluate()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert 0 <= stats["bbox"]["AP50"] <= 1
+    dtypes.clear()
+    with read_write(trainer.cfg):
+        trainer.cfg.eval.precision = "fp32"
+    trainer.evaluate()
+    assert set(dtypes) == {torch.float32}
+    trainer.close()
+    with pytest.raises(ValueError, match="eval.precision: unknown mode 'fp8'"):
+        _trainer(tiny_coco, tmp_path / "bad", **{"eval.precision": "fp8"})

@@ -163,3 +163,13 @@ def test_each_config_takes_its_own_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--config", *configs, "--checkpoint", *map(str, paths * 2), "--opts", *opts])
     assert "4 files for 2 configs" in capsys.readouterr().err
+
+
+def test_a_row_per_precision_with_ratios_against_the_first(capsys):
+    rows = benchmark.main(["--config", str(REPO / "configs/deformable_detr_plus_r50.yaml"), "--size", "64", "96",
+                           "--runs", "1", "--warmup", "0", "--precision", "fp32", "bf16", "--opts",
+                           *TINY_DEFORMABLE, "model.name=deformable_detr_plus"])
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert rows[0]["gflops"] == rows[1]["gflops"] and all(r["latency_s"] > 0 for r in rows)
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if "deformable_detr_plus" in line]
+    assert [cells[1] for cells in table] == ["fp32", "bf16"]

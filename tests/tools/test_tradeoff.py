@@ -21,9 +21,11 @@ def test_tradeoff_table_over_keep_ratios(tiny_coco, tmp_path, capsys):
 
 
 def test_tradeoff_over_poll_ratios(tiny_coco, tmp_path):
-    opts = tiny_overrides(tiny_coco, tmp_path) + ["model.name=pnp_detr", "model.pnp.num_coarse=2"]
+    opts = tiny_overrides(tiny_coco, tmp_path) + ["model.name=pnp_detr", "model.pnp.num_coarse=2",
+                                                  "eval.precision=bf16"]
     rows = tradeoff.main(["--config", str(REPO / "configs/pnp_detr_r50.yaml"), "--ratio", "0.3", "1.0",
                           "--runs", "1", "--opts", *opts])
+    assert {r["precision"] for r in rows} == {"bf16"}  # evaluated and timed in bf16
     assert rows[0]["gflops_transformer"] < rows[1]["gflops_transformer"]
     # every token polled at 1.0; at 0.3 fewer (a random model's need not be in the boxes)
     assert rows[1]["kept_in_boxes"] == rows[1]["kept_outside"] == 1.0
