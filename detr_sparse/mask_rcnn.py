@@ -90,10 +90,22 @@ class LevelAnchorGenerator(AnchorGenerator):
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         device = feature_maps[0].device
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        self.set_cell_anchors(torch.float32, device)  # fp32 under bf16 autocast too: pixel coordinates
         strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
         anchors = torch.cat(self.grid_anchors([m.shape[-2:] for m in feature_maps], strides))
         return [anchors] * len(image_list.image_sizes)
+
+
+def _float_outputs(module: nn.Module, inputs, outputs):
+    """Forward hook: the module's floating outputs in fp32. On the RPN head and the box
+    predictor it keeps the box decoding in fp32 under bf16 autocast (torchvision decodes in
+    the deltas' dtype, and bf16 pixel coordinates are 1-2 px apart at 256-512: measured on
+    the synthetic ResNet-18 Mask R-CNN, box / mask AP -0.2 / -1.0 without it, level with it)."""
+    if torch.is_tensor(outputs):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float_outputs(module, inputs, o) for o in outputs)
+    return outputs
 
 
 def roi_pool(strides: dict[str, int], output_size: int) -> MultiScaleRoIAlign:
@@ -125,6 +137,8 @@ class MaskRCNN(nn.Module):
                  roi_heads: RoIHeads, is_thing: list[bool]):
         super().__init__()
         self.backbone, self.neck, self.rpn, self.roi_heads = backbone, neck, rpn, roi_heads
+        for head in (rpn.head, roi_heads.box_predictor):  # boxes decode in fp32 under autocast
+            head.register_forward_hook(_float_outputs)
         self.size_divisibility = max(backbone.strides.values())
         thing = torch.tensor(is_thing, dtype=torch.bool)
         # buffers, not checkpoint state: they follow from the dataset

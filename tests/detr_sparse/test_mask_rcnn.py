@@ -243,3 +243,19 @@ def test_an_svit_adapter_backbone_trains_with_its_ratio_loss_and_predicts_each_i
         assert p["masks"].shape[-2:] == (h, w)
     usage = model.backbone.token_usage()
     assert usage.shape[0] == 2 and (usage[1] == -1).any()  # the second image is padded in the batch
+
+
+def test_under_bf16_autocast_anchors_and_box_decoding_stay_fp32():
+    from engine.train import autocast
+
+    model = _model().eval()
+    images, _ = _padded_batch()
+    seen = {}
+    model.rpn.register_forward_pre_hook(lambda m, a: seen.__setitem__(
+        "anchors", m.anchor_generator(a[0], list(a[1].values()))[0].dtype))
+    model.rpn.head.register_forward_hook(lambda m, i, o: seen.__setitem__("objectness", o[0][0].dtype))
+    model.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: seen.__setitem__("deltas", o[1].dtype))
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        detections = model(images)
+    assert seen == {"anchors": torch.float32, "objectness": torch.float32, "deltas": torch.float32}
+    assert all(d["boxes"].dtype == torch.float32 for d in detections)
