@@ -164,6 +164,17 @@ def test_bf16_autocast_training_step_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_bf16_autocast_inference_gives_fp32_boxes_close_to_fp32():
+    model = _model(["model.with_box_refine=true"]).eval()  # (two-stage's top-k could pick other proposals)
+    images, _ = _batch()
+    with torch.no_grad():
+        exact = model.forward_raw(images)["pred_boxes"]
+        with autocast(torch.device("cpu"), "bf16"):
+            boxes = model.forward_raw(images)["pred_boxes"]
+    assert boxes.dtype == torch.float32  # refined layer after layer in fp32, not bf16's 2^-8 steps
+    assert (boxes - exact).abs().max() < 0.02
+
+
 def test_trainer_trains_evaluates_and_reloads_deformable_detr_plus(tiny_coco, tmp_path):
     opts = tiny_overrides(tiny_coco, tmp_path) + TINY_DEFORMABLE + PLUS + [
         "train.epochs=1", "train.lr_multipliers={sampling_offsets: 0.1, reference_points: 0.1}"]
