@@ -57,6 +57,32 @@ def checkpoint_model(out) -> dict:
     """The model weights of a run's newest checkpoint."""
     return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
 
+def sampling_inputs(batch, level_shapes, queries, heads=2, dim=3, points=2, dtype=torch.float64, seed=0):
+    """Random inputs of the deformable attention's sampling core: (value, spatial_shapes,
+    level_start_index, sampling_locations, attention_weights), shapes in msda_ops."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(level_shapes)
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    levels = len(level_shapes)
+    value = torch.randn(batch, int(sizes.sum()), heads, dim, generator=g, dtype=dtype)
+    # some samples fall outside the maps (they read zeros), some on partial corners
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=g, dtype=dtype) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, levels, points, generator=g, dtype=dtype)
+    return value, shapes, starts, locations, weights
+
+
+def record_host_reads(monkeypatch) -> list[str]:
+    """A list that records, from now on, every call of a tensor method that reads values back
+    to the host (on CUDA each waits for the device: a sync), by name."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _f=original, _n=name, **kwargs:
+                            reads.append(_n) or _f(self, *args, **kwargs))
+    return reads
+
+
 # A tiny Deformable DETR (3 backbone levels + 0 extra by default, 2 sampling points)
 TINY_DEFORMABLE = ["model.name=deformable_detr", "model.backbone.name=resnet18",
                    "model.backbone.norm=gn", "model.backbone.out_features=[res3,res4,res5]",

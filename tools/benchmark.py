@@ -4,7 +4,8 @@
     python tools/benchmark.py --config configs/detr_r50.yaml configs/detr_r50_dc5.yaml \
         --size 800 1066 [--batch 1] [--runs 3] [--image x.jpg] [--precision fp32 bf16] [--json] [--opts k=v ...]
     python tools/benchmark.py --train --config configs/detr_r18_synthetic.yaml [--processes 1 2]
-    python tools/benchmark.py --component msda [--size 800 1066]   # deformable sampling kernels
+    python tools/benchmark.py --component msda [--size 800 1066] [--precision fp32 bf16]   # deformable
+        # sampling: the device's kernel (CPU: C++, CUDA: Triton) vs the grid_sample reference
     python tools/benchmark.py --config configs/mask_rcnn_pvt_s.yaml configs/mask_rcnn_pvt_s_dge.yaml \
         --size 800 1280 --dge-budget 0.5     # DGE at an operating point (or --checkpoint: its own gates)
     python tools/benchmark.py --config configs/mask_rcnn_deit_s_adapter.yaml \
@@ -205,29 +206,48 @@ def msda_inputs(size: tuple[int, int], batch: int, d_model: int = 256, heads: in
 
 
 def msda_component(args) -> list[dict]:
-    """Median seconds of the deformable attention's sampling, fast kernel vs the grid_sample
-    reference (plain autograd), forward and forward + backward, batches 1 and 2."""
+    """Median seconds and peak memory (MB above the inputs) of the deformable attention's
+    sampling: the kernel a model runs on the device (MSDeformAttn.impl, by default the
+    environment's DETR_SPARSE_MSDA or "auto": CPU the C++ kernel, "fast"; CUDA Triton) against
+    the grid_sample reference (plain autograd), forward and forward + backward, batches 1 and
+    2, in each --precision (default fp32: value, locations and weights in that dtype; the C++
+    kernel computes in fp32)."""
     from engine.benchmark import time_call
-    from detr_sparse.transformers.msda_ops import grid_sample_core, msda_fast
+    from detr_sparse.transformers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core, resolve
+    from detr_sparse.transformers.msda_ops import grid_sample_core
 
+    device = resolve_device("auto")
+    kernel = resolve(MSDeformAttn.impl, device)
+    if kernel == "reference":
+        print(f"no deformable attention kernel for {device.type} here: the reference against itself")
+    cores = {kernel: lambda *inputs: ms_deform_attn_core(*inputs, impl=kernel), "reference": grid_sample_core}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     rows = []
-    print("batch | queries | forward fast / reference s | x | forward+backward fast / reference s | x")
-    for batch in (1, 2):
-        value, shapes, starts, locations, weights = msda_inputs(tuple(args.size), batch)
-        row = {"component": "msda", "size": list(args.size), "batch": batch, "queries": value.shape[1]}
-        for name, core in (("fast", msda_fast), ("reference", grid_sample_core)):
-            with torch.no_grad():
-                row[f"forward_{name}_s"] = time_call(
-                    lambda: core(value, shapes, starts, locations, weights), args.runs, args.warmup)
-            leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
-            row[f"train_{name}_s"] = time_call(
-                lambda: core(leaves[0], shapes, starts, *leaves[1:]).sum().backward(), args.runs, args.warmup)
-        row["forward_speedup"] = row["forward_reference_s"] / row["forward_fast_s"]
-        row["train_speedup"] = row["train_reference_s"] / row["train_fast_s"]
-        rows.append(row)
-        print(f"{batch} | {row['queries']} | {row['forward_fast_s']:.3f} / {row['forward_reference_s']:.3f} | "
-              f"{row['forward_speedup']:.2f} | {row['train_fast_s']:.3f} / {row['train_reference_s']:.3f} | "
-              f"{row['train_speedup']:.2f}")
+    print(f"precision | batch | queries | forward {kernel} / reference s | x | MB | "
+          f"forward+backward {kernel} / reference s | x | MB")
+    for precision in args.precision or ["fp32"]:
+        for batch in (1, 2):
+            value, shapes, starts, locations, weights = (
+                t.to(device, dtypes[precision]) if t.is_floating_point() else t.to(device)
+                for t in msda_inputs(tuple(args.size), batch))
+            row = {"component": "msda", "device": str(device), "kernel": kernel, "precision": precision,
+                   "size": list(args.size), "batch": batch, "queries": value.shape[1]}
+            for name, core in cores.items():
+                leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+                steps = {"forward": torch.no_grad()(lambda: core(value, shapes, starts, locations, weights)),
+                         "train": lambda: core(leaves[0], shapes, starts, *leaves[1:]).sum().backward()}
+                for step, run in steps.items():
+                    row[f"{step}_{name}_s"] = time_call(run, args.runs, args.warmup)
+                    with peak_memory(device) as mem:
+                        run()
+                    row[f"{step}_{name}_mb"] = round(mem["mb"], 1)
+            for step in ("forward", "train"):
+                row[f"{step}_speedup"] = row[f"{step}_reference_s"] / row[f"{step}_{kernel}_s"]
+            rows.append(row)
+            print(" | ".join([precision, str(batch), str(row["queries"])] + [
+                f"{row[f'{step}_{kernel}_s']:.4f} / {row[f'{step}_reference_s']:.4f} | "
+                f"{row[f'{step}_speedup']:.2f} | {row[f'{step}_{kernel}_mb']:.0f} / {row[f'{step}_reference_mb']:.0f}"
+                for step in ("forward", "train")]))
     return rows
 
 
@@ -340,7 +360,8 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
     p.add_argument("--component", choices=list(COMPONENTS), help="time one component instead: msda = "
-                   "deformable attention sampling, fast kernel vs grid_sample reference; dge_train = a DGE "
+                   "deformable attention sampling, the device's kernel (CPU: C++; CUDA: Triton) vs grid_sample "
+                   "reference, time and peak memory; dge_train = a DGE "
                    "backbone's training step, dense vs sparse form (--dge-backbone); gather = the token "
                    "core's row gather vs torch.gather; spa = SPA's packed attention per selected token vs "
                    "window attention per token")
@@ -363,7 +384,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
                    help="forward passes in each of these (autocast; default: the config's eval.precision); "
-                        "a row each, ratios against the first row")
+                        "a row each, ratios against the first row; --component msda: the sampling's inputs "
+                        "in each dtype (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")

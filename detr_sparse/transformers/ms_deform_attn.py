@@ -2,34 +2,48 @@
 n_points bilinear samples per head and level around its reference point, weighted by
 attention weights that sum to one over the levels and points.
 
-The sampling core has two implementations with the same inputs and outputs:
+The sampling core has three implementations with the same inputs and outputs:
 - "fast": the C++ kernel of `msda_ops.py` (CPU; built on first use),
+- "triton": the Triton kernels of `msda_triton.py` (CUDA; CPU tensors in Triton's
+  interpreter, TRITON_INTERPRET=1, for tests),
 - "reference": torch's `grid_sample`, one call per level (any device; the tests' yardstick).
-"auto" takes the kernel for CPU tensors when it builds, the reference otherwise."""
+"auto" takes the C++ kernel for CPU tensors when it builds, Triton for CUDA tensors when
+triton imports, the reference otherwise. `MSDeformAttn.impl` (default: the environment
+variable DETR_SPARSE_MSDA, else "auto") forces one."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import msda_ops
+from . import msda_ops, msda_triton
 
-IMPLEMENTATIONS = ("auto", "fast", "reference")
+IMPLEMENTATIONS = ("auto", "fast", "triton", "reference")
+_CORES = {"fast": msda_ops.msda_fast, "triton": msda_triton.msda_triton, "reference": msda_ops.msda_reference}
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The implementation that `impl` runs on tensors of `device`: the one place that decides."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"deformable attention implementation '{impl}' not in {IMPLEMENTATIONS}")
+    if impl != "auto":
+        return impl
+    if device.type == "cpu" and msda_ops.available():
+        return "fast"
+    if device.type == "cuda" and msda_triton.available():
+        return "triton"
+    return "reference"
 
 
 def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                         sampling_locations: Tensor, attention_weights: Tensor,
                         impl: str = "auto") -> Tensor:
-    """The sampling core (shapes in `msda_ops`) by `impl`."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"deformable attention implementation '{impl}' not in {IMPLEMENTATIONS}")
-    if impl == "fast" or (impl == "auto" and value.device.type == "cpu" and msda_ops.available()):
-        return msda_ops.msda_fast(value, spatial_shapes, level_start_index,
-                                  sampling_locations, attention_weights)
-    return msda_ops.msda_reference(value, spatial_shapes, level_start_index,
-                                   sampling_locations, attention_weights)
+    """The sampling core (shapes in `msda_ops`) by `impl` (see `resolve`)."""
+    core = _CORES[resolve(impl, value.device)]
+    return core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 def _short_softmax(x: Tensor) -> Tensor:
@@ -47,7 +61,8 @@ class MSDeformAttn(nn.Module):
     With point references, offsets are in pixels of each level; with box references they are
     fractions of the box (offset / n_points * wh / 2), as in the official code."""
 
-    impl = "auto"  # class-wide switch, e.g. MSDeformAttn.impl = "reference"
+    # class-wide switch, e.g. MSDeformAttn.impl = "reference" (see `resolve`)
+    impl = os.environ.get("DETR_SPARSE_MSDA", "auto")
     # when True, forward keeps its last (sampling_locations, attention_weights), detached, in
     # `self.sampling`: Sparse DETR builds its training target from the decoder's
     record_sampling = False
@@ -64,7 +79,7 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
         # build (or load) the kernel with the model, not inside its first forward pass, where
         # a FLOP counter already running would not know the kernel's formula yet
-        if self.impl != "reference":
+        if self.impl in ("auto", "fast"):
             msda_ops.available()
 
     def reset_parameters(self) -> None:
@@ -89,8 +104,9 @@ class MSDeformAttn(nn.Module):
         b, q, _ = query.shape
         m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value_input)
-        # (a CPU batch without padding skips the pass; on CUDA the check would cost a sync)
-        if padding_mask is not None and (value.is_cuda or padding_mask.any()):
+        # (a CPU batch without padding skips the pass; on CUDA the check would cost a sync, and
+        # torch.compile / torch.export cannot trace a branch on the data)
+        if padding_mask is not None and (value.is_cuda or torch.compiler.is_compiling() or padding_mask.any()):
             value = value.masked_fill_(padding_mask[..., None], 0.0)  # value_proj's fresh output
         value = value.view(b, value.shape[1], m, self.d_model // m)
         # both heads in one pass over the queries (measured: 21000 queries, 9.4 -> 6.8 ms)

@@ -1,9 +1,10 @@
-"""The sampling core of multi-scale deformable attention as two torch operators that count
+"""The sampling core of multi-scale deformable attention as torch operators that count
 their FLOPs alike (so benchmarks compare like with like whichever one runs):
 
 - `detr_sparse::msda_forward`: a C++ kernel (csrc/ms_deform_attn_cpu.cpp) compiled with
   torch's cpp_extension on first use and cached; CPU only; its backward is a second kernel.
 - `detr_sparse::msda_reference`: torch's grid_sample, one call per level; any device.
+- `detr_sparse::msda_triton` (`msda_triton.py`): Triton kernels, for CUDA tensors.
 
 Shapes: value (B, S, M, D) with S = sum of H_l * W_l (each level row-major, levels in
 order); spatial_shapes (L, 2) int64 as (H_l, W_l); level_start_index (L,) int64;
@@ -31,10 +32,12 @@ def grid_sample_core(value: Tensor, spatial_shapes: Tensor, level_start_index: T
     """The sampling core written with grid_sample (differentiable by torch's autograd)."""
     b, _, m, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
+    # split and reshape need the sizes as numbers: one host read (on CUDA a sync per call;
+    # the kernels read them on the device)
+    shapes = spatial_shapes.tolist()
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1]
     sampled = []
-    for level, (value_l, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+    for level, (value_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
         value_l = value_l.permute(0, 2, 3, 1).reshape(b * m, d, h, w)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (B*M, Q, P, 2)
         sampled.append(F.grid_sample(value_l, grid, mode="bilinear", padding_mode="zeros",
@@ -52,26 +55,36 @@ def msda_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
 
 
 @msda_reference.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def output_like(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The fake implementation of every sampling operator: the output's shape and dtype."""
     b, q = sampling_locations.shape[:2]
     return value.new_empty(b, q, value.shape[2] * value.shape[3])
 
 
-def _save_inputs(ctx, inputs, output) -> None:
+def save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _reference_backward(ctx, grad: Tensor):
+def backward_by(op):
+    """The autograd backward of a sampling operator whose gradients `op`(grad, *inputs)
+    computes as (value, sampling_locations, attention_weights) gradients."""
+    def backward(ctx, grad):
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        g_value, g_loc, g_weights = op(grad, value, shapes, starts, locations, weights)
+        return g_value, None, None, g_loc, g_weights
+
+    return backward
+
+
+def _reference_gradients(grad, value, shapes, starts, locations, weights):
     # the reference is the yardstick, not the fast path: recompute and let autograd differentiate
-    value, shapes, starts, locations, weights = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (value, locations, weights)]
         out = grid_sample_core(leaves[0], shapes, starts, leaves[1], leaves[2])
-        g_value, g_loc, g_weights = torch.autograd.grad(out, leaves, grad)
-    return g_value, None, None, g_loc, g_weights
+        return torch.autograd.grad(out, leaves, grad)
 
 
-msda_reference.register_autograd(_reference_backward, setup_context=_save_inputs)
+msda_reference.register_autograd(backward_by(_reference_gradients), setup_context=save_inputs)
 
 
 # at::parallel_for is an OpenMP pragma in torch's headers when torch runs on OpenMP (Linux
@@ -107,15 +120,9 @@ def _kernel():
                       "using the grid_sample reference")
         return None
     op = torch.ops.detr_sparse.msda_forward
-
-    def backward(ctx, grad):
-        value, shapes, starts, locations, weights = ctx.saved_tensors
-        g_value, g_loc, g_weights = torch.ops.detr_sparse.msda_backward(
-            grad, value, shapes, starts, locations, weights)
-        return g_value, None, None, g_loc, g_weights
-
-    torch.library.register_autograd("detr_sparse::msda_forward", backward, setup_context=_save_inputs)
-    register_flop_formula(op)(_flops)
+    torch.library.register_autograd("detr_sparse::msda_forward", backward_by(torch.ops.detr_sparse.msda_backward),
+                                    setup_context=save_inputs)
+    register_flop_formula(op)(flops)
     return op
 
 
@@ -138,12 +145,12 @@ def msda_fast(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
     return out.to(dtype)
 
 
-def _flops(value_shape, shapes_shape, starts_shape, loc_shape, weights_shape, *args,
-           out_shape=None, **kwargs) -> int:
+def flops(value_shape, shapes_shape, starts_shape, loc_shape, weights_shape, *args,
+          out_shape=None, **kwargs) -> int:
     """Per sample and channel: 4 multiply-adds of the bilinear read and 1 of the attention
     weighting; torch's counter counts a multiply-add as 2."""
     b, q, m, n_levels, n_points, _ = loc_shape
     return 2 * 5 * b * q * m * n_levels * n_points * value_shape[3]
 
 
-register_flop_formula(torch.ops.detr_sparse.msda_reference)(_flops)
+register_flop_formula(torch.ops.detr_sparse.msda_reference)(flops)

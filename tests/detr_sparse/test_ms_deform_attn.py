@@ -5,19 +5,7 @@ import torch
 
 from detr_sparse.transformers import msda_ops
 from detr_sparse.transformers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
-
-
-def _inputs(batch, level_shapes, queries, heads=2, dim=3, points=2, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(level_shapes)
-    sizes = shapes.prod(1)
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    levels = len(level_shapes)
-    value = torch.randn(batch, int(sizes.sum()), heads, dim, generator=g, dtype=dtype)
-    # some samples fall outside the maps (they read zeros), some on partial corners
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=g, dtype=dtype) * 1.4 - 0.2
-    weights = torch.rand(batch, queries, heads, levels, points, generator=g, dtype=dtype)
-    return value, shapes, starts, locations, weights
+from helpers import sampling_inputs as _inputs
 
 
 SHAPES = [(1, [(5, 7)], 4), (2, [(6, 7), (3, 4)], 9), (2, [(9, 5), (5, 3), (3, 2), (1, 1)], 13)]

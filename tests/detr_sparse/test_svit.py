@@ -7,6 +7,7 @@ import torch
 from detr_sparse.backbones.vit import ViTBlock
 from detr_sparse.sparsity.svit import (KEEP_TARGETS, SelectGate, forced_keep, keep_decisions, keep_ratio_loss,
                                        keep_targets, svit_update)
+from helpers import record_host_reads
 
 
 def _block() -> ViTBlock:
@@ -43,6 +44,18 @@ def test_training_form_equals_inference_form_and_pruned_tokens_pass_unchanged():
     # a kept token's result is the block over the kept tokens alone
     image = keep[0].bool()
     torch.testing.assert_close(gathered[0, image], block(x[:1, image])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_one_image_s_gathered_form_reads_only_its_kept_positions_back(monkeypatch):
+    """On CUDA every host read is a sync, per gated block here: one image needs only the
+    positions of its kept tokens (their count sets the shapes)."""
+    block, x = _block(), torch.randn(1, 20, 32)
+    keep = (torch.rand(1, 20, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    reads = record_host_reads(monkeypatch)
+    out = _update(block, x, keep)
+    assert reads == ["nonzero"]
+    image = keep[0].bool()
+    torch.testing.assert_close(out[0, image], block(x[:, image])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_the_gate_gets_a_gradient_through_the_straight_through_decisions():

@@ -1,12 +1,16 @@
 """The console while a progress bar is drawn: log lines above the bar, never through it, and
-no bar at all where no terminal is attached (a log file)."""
+no bar at all where no terminal is attached (a log file); the training step's use of the
+grad scaler (fp16 on CUDA)."""
 import io
 import logging
 import re
 import sys
+from types import SimpleNamespace
+
+import torch
 
 from engine.logger import setup_logging
-from engine.train import progress
+from engine.train import TrainState, _train_step, progress
 
 
 class Terminal(io.StringIO):
@@ -51,3 +55,38 @@ def test_no_bar_without_a_terminal(monkeypatch, tmp_path):
     text = redirected.getvalue()
     assert "\r" not in text and "epoch 0" not in text and "it/s" not in text
     assert text.count("logged at step") == 3
+
+
+class _Linear(torch.nn.Module):
+    """loss = w . x, with the gradient times `blowup` (inf: an fp16 overflow in the backward)."""
+
+    def __init__(self, blowup=1.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        self.w.register_hook(lambda grad: grad * blowup)
+
+    def forward(self, x, targets):
+        return {"loss_linear": (self.w * x).sum()}
+
+
+def _scaled_step(model, scaler):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_cfg = SimpleNamespace(amp="none", clip_max_norm=1.0, warmup_iters=0, warmup_ratio=1.0)
+    return _train_step(model, torch.tensor([3.0, 4.0]), [], optimizer, scaler, train_cfg, TrainState(),
+                       torch.device("cpu"))
+
+
+def test_a_scaled_step_clips_the_true_gradients_and_skips_an_overflowed_one():
+    """fp16 on CUDA trains through a GradScaler (engine/trainer.py); the step must unscale
+    the gradients before clipping them (clip and logged norm see the true gradients, 5 here)
+    and skip a step whose gradients overflowed. The CPU's GradScaler has the CUDA one's logic."""
+    plain, scaled = _Linear(), _Linear()
+    unscaled_stats = _scaled_step(plain, torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    stats = _scaled_step(scaled, scaler)
+    assert stats["grad_norm"] == unscaled_stats["grad_norm"] == 5.0
+    torch.testing.assert_close(scaled.w.detach(), plain.w.detach())  # stepped by the clipped gradient
+    torch.testing.assert_close(plain.w.detach(), torch.tensor([1 - 0.1 * 3 / 5, -2 - 0.1 * 4 / 5]))
+    overflowed = _Linear(blowup=float("inf"))
+    _scaled_step(overflowed, scaler)
+    assert overflowed.w.tolist() == [1.0, -2.0] and scaler.get_scale() == 2.0**11  # skipped, scale halved
