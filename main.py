@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default="", help="checkpoint to resume from; default: the last "
                    "checkpoint in the output folder, if any")
     p.add_argument("--output-dir", default="", help="overrides output_dir of the config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and the model's "
+                   "parameters by part, then exit (a dry run: no data read, nothing written)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. model.num_queries=50 train.lr=2e-4")
     return p.parse_args(argv)
@@ -59,8 +61,30 @@ def lock_output(output_dir: str, dist) -> OutputLock | None:
     return lock
 
 
+def print_config(cfg) -> dict[str, int]:
+    """The resolved config as YAML, then the model's parameters by part (millions); the class
+    count is the config's, or COCO's 91 when the data gives it (not read here)."""
+    from omegaconf import OmegaConf
+
+    from engine.benchmark import parameter_counts
+    from engine.checkpoint import build_eval_model
+
+    print(OmegaConf.to_yaml(cfg), end="")
+    model = build_eval_model(cfg.model, cfg.model.num_classes or 91, "", "cpu")
+    counts = parameter_counts(model)
+    classes = f"{cfg.model.num_classes} classes" if cfg.model.num_classes else "91 classes (the data's count at training)"
+    print(f"# {cfg.model.name}, {classes}: parameters (M) " +
+          ", ".join(f"{part} {n / 1e6:.2f}" for part, n in counts.items()))
+    return counts
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.print_config:
+        try:
+            return print_config(load_config(args.config, args.opts))
+        except USER_ERRORS as e:
+            fail(f"error: {e}")
     exit_with_agent()
     reuse_freed_memory()
     overrides = list(args.opts) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])

@@ -60,6 +60,19 @@ def count_flops(model: torch.nn.Module, inputs, parts: dict[str, str] | None = N
     return FlopCount(total, by_part, by_op)
 
 
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters by part (model.parts: name -> module-name prefix; the rest is "other"),
+    with "trainable" and "total"."""
+    counts = {part: 0 for part in getattr(model, "parts", {})}
+    counts["other"] = 0
+    for name, p in model.named_parameters():
+        part = next((k for k, prefix in getattr(model, "parts", {}).items() if name.startswith(prefix + ".")), "other")
+        counts[part] += p.numel()
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
 def _module_flops(counts: dict, name: str) -> int:
     """FLOPs under module `name`; a container that is never called itself (ModuleList) is
     the sum of its direct children."""

@@ -231,6 +231,16 @@ class TrainConfig:
     lr_drops: list[int] = field(default_factory=lambda: [200])  # epochs where lr *= 0.1
     warmup_iters: int = 0  # linear warm-up of the learning rate over the first iterations (0: none)
     warmup_ratio: float = 0.001  # the warm-up's first multiplier
+    # step: lr * 0.1 at each of lr_drops (epochs); cosine: per iteration from lr down to
+    # lr * min_lr_ratio at the last iteration (lr_drops ignored); both after the warm-up
+    lr_schedule: str = "step"
+    min_lr_ratio: float = 0.0
+    # an optimizer step every `accumulate` batches: the gradient of batch_size x processes x
+    # accumulate images (losses averaged over the batches); an epoch's leftover batches are skipped
+    accumulate: int = 1
+    # exponential moving average of the weights (decay per step, e.g. 0.9998; 0: off): when on,
+    # evaluation uses the averaged weights and checkpoints keep them
+    ema: float = 0.0
     # parameters whose name contains one of these get no weight decay (e.g. bias, norm, pos_embedding)
     no_decay: list[str] = field(default_factory=list)
     clip_max_norm: float = 0.1

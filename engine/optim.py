@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 
 def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: float,
                  lr_multipliers: dict[str, float] | None = None, no_decay: list[str] | None = None,
@@ -55,4 +57,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, is_main: bool) -> dict:
 
 
 def build_scheduler(optimizer, train_cfg):
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(train_cfg.lr_drops), gamma=0.1)
+    """The per-epoch step schedule (lr_drops); a cosine schedule has no drops (its factor is
+    applied per iteration, engine.train.lr_factor)."""
+    if train_cfg.lr_schedule not in ("step", "cosine"):
+        raise ConfigError(f"train.lr_schedule: unknown schedule '{train_cfg.lr_schedule}' (step | cosine)")
+    drops = list(train_cfg.lr_drops) if train_cfg.lr_schedule == "step" else []
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=drops, gamma=0.1)

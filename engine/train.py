@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .config import ConfigError
 from .distributed import reduce_mean
 
 log = logging.getLogger("detr_sparse.train")
@@ -35,9 +36,9 @@ def autocast(device: torch.device, amp: str, key: str = "train.amp"):
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
-        raise ValueError(f"{key}: unknown mode '{amp}' (none or fp32 | bf16 | fp16)")
+        raise ConfigError(f"{key}: unknown mode '{amp}' (none or fp32 | bf16 | fp16)")
     if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError(f"{key}: fp16 needs CUDA; use bf16 on the CPU")
+        raise ConfigError(f"{key}: fp16 needs CUDA; use bf16 on the CPU")
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -62,20 +63,25 @@ def progress(iterable, desc: str, enabled: bool):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, train_cfg, state: TrainState, run_logger,
-                    device, show_progress: bool = True, after_step=None) -> dict[str, float]:
-    """Runs until the loader ends or train_cfg.max_iters steps are done, calling
-    `after_step()` after each optimizer step. Returns the mean of every logged value over the
-    steps run. Raises NonFiniteLossError, naming the iteration and the loss terms, before the
-    optimizer applies a non-finite loss."""
+                    device, show_progress: bool = True, after_step=None, total_iters: int = 0) -> dict[str, float]:
+    """Runs until the loader ends or train_cfg.max_iters steps are done, one optimizer step
+    every train_cfg.accumulate batches, calling `after_step()` after each step. total_iters:
+    the run's optimizer steps (the cosine schedule's length). Returns the mean of every logged
+    value over the steps run. Raises NonFiniteLossError, naming the iteration and the loss
+    terms, before the optimizer applies a non-finite loss."""
     model.train()
     sums: dict[str, float] = {}
-    steps = 0
+    steps, group = 0, []
     tic = time.perf_counter()
     with progress(loader, f"epoch {state.epoch}", show_progress) as batches:
-        for images, targets in batches:
+        for batch in batches:
             if train_cfg.max_iters and state.iteration >= train_cfg.max_iters:
                 break
-            stats = _train_step(model, images, targets, optimizer, scaler, train_cfg, state, device)
+            group.append(batch)
+            if len(group) < train_cfg.accumulate:
+                continue
+            stats = _train_step(model, group, optimizer, scaler, train_cfg, state, device, total_iters)
+            group = []
             toc = time.perf_counter()
             stats["iter_time"], tic = toc - tic, toc
             for k, v in stats.items():
@@ -99,6 +105,17 @@ def warmup_factor(iteration: int, warmup_iters: int, ratio: float) -> float:
     return 1.0 - (1.0 - iteration / warmup_iters) * (1.0 - ratio)
 
 
+def lr_factor(iteration: int, total_iters: int, train_cfg) -> float:
+    """The multiplier of the epoch schedule's learning rate at an optimizer step (from 0):
+    the warm-up's, times the cosine schedule's (train.lr_schedule: cosine) from 1 down to
+    min_lr_ratio at total_iters."""
+    factor = warmup_factor(iteration, train_cfg.warmup_iters, train_cfg.warmup_ratio)
+    if train_cfg.lr_schedule == "cosine" and total_iters > 0:
+        done = min(iteration / total_iters, 1.0)
+        factor *= train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    return factor
+
+
 @contextmanager
 def warmed_up(optimizer, factor: float):
     """Every group's learning rate times `factor` inside the block, as scheduled after it:
@@ -117,24 +134,33 @@ def warmed_up(optimizer, factor: float):
             group["lr"] = lr
 
 
-def _train_step(model, images, targets, optimizer, scaler, train_cfg, state: TrainState, device) -> dict:
-    """One optimizer step; returns the rank-averaged losses and statistics."""
-    images, targets = to_device(images, targets, device)
-    with autocast(device, train_cfg.amp):
-        outputs = model(images, targets)
-    loss = sum(v for k, v in outputs.items() if k.startswith("loss"))
-    # one collective gives every rank the same values, so all stop together on a bad loss
-    stats = reduce_mean({**outputs, "loss": loss})
-    if not math.isfinite(stats["loss"]):
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k.startswith("loss"))
-        raise NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration "
-                                 f"{state.iteration}: {terms}")
+def _train_step(model, batches: list, optimizer, scaler, train_cfg, state: TrainState, device,
+                total_iters: int = 0) -> dict:
+    """One optimizer step over `batches` [(images, targets), ...] (gradients accumulated, the
+    losses averaged; under DDP the gradients are synchronised on the last one only); returns
+    the rank-averaged losses and statistics, averaged over the batches."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    stats: dict[str, float] = {}
+    for i, (images, targets) in enumerate(batches):
+        images, targets = to_device(images, targets, device)
+        last = i == len(batches) - 1
+        with (nullcontext() if last else getattr(model, "no_sync", nullcontext)()):
+            with autocast(device, train_cfg.amp):
+                outputs = model(images, targets)
+            loss = sum(v for k, v in outputs.items() if k.startswith("loss"))
+            # one collective gives every rank the same values, so all stop together on a bad loss
+            batch_stats = reduce_mean({**outputs, "loss": loss})
+            if not math.isfinite(batch_stats["loss"]):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in batch_stats.items() if k.startswith("loss"))
+                raise NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration "
+                                         f"{state.iteration}: {terms}")
+            scaler.scale(loss / len(batches)).backward()
+        for k, v in batch_stats.items():
+            stats[k] = stats.get(k, 0.0) + v / len(batches)
     if train_cfg.clip_max_norm > 0:
         scaler.unscale_(optimizer)
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_max_norm))
-    with warmed_up(optimizer, warmup_factor(state.iteration, train_cfg.warmup_iters, train_cfg.warmup_ratio)):
+    with warmed_up(optimizer, lr_factor(state.iteration, total_iters, train_cfg)):
         stats["lr"] = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
     scaler.update()

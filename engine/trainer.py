@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datasets import build_dataset, collate_fn
@@ -17,7 +18,7 @@ from datasets.panoptic_eval import PanopticEvaluator
 from detr_sparse import build_model
 
 from . import checkpoint as ckpt
-from .config import save_config, to_dict
+from .config import ConfigError, save_config, to_dict
 from .distributed import DistInfo, all_gather_objects, barrier
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, optimizer_state
@@ -117,6 +118,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         autocast(dist.device, cfg.train.amp), autocast(dist.device, cfg.eval.precision, "eval.precision")  # checked now
+        if cfg.train.accumulate < 1:
+            raise ConfigError(f"train.accumulate: {cfg.train.accumulate}, must be 1 or more batches per step")
+        self.ema = self._new_ema()
         fp16 = cfg.train.amp == "fp16" and dist.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
         self.state = TrainState()
@@ -132,6 +136,12 @@ class Trainer:
         if dist.is_main:
             save_config(cfg, self.out / "config.yaml")
 
+    def _new_ema(self) -> AveragedModel | None:
+        """The exponential moving average of the model's weights and buffers (train.ema, the
+        decay per step), None when off; it starts from the weights as they are."""
+        decay = self.cfg.train.ema
+        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(),
@@ -139,6 +149,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.state.epoch, "iteration": self.state.iteration,
                 "step_in_epoch": self.state.step_in_epoch,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "config": to_dict(self.cfg), "rng": all_gather_objects(ckpt.rng_state())}
 
     def save(self) -> None:
@@ -162,6 +173,12 @@ class Trainer:
         # evaluation reads the authors' checkpoints too; a run resumes from its own only
         ckpt.load_model_weights(self.model, state, str(path), categories=self.categories,
                                 allow_official=weights_only)
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # a run that turns the average on: it starts from the weights as they are
+                log.warning("%s: no weight average saved: the average starts from its weights", path)
+                self.ema = self._new_ema()
         if weights_only:
             return
         if "optimizer" not in state:
@@ -183,10 +200,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        evaluators = build_evaluators(self.model, self.val_set)
+        model = self.model if self.ema is None else self.ema.module  # the averaged weights when kept
+        evaluators = build_evaluators(model, self.val_set)
         shown, sparsity = [], []
         count = self.cfg.eval.num_vis_images
-        sparse = has_sparsity_pictures(self.model)  # pictures of its token maps / granularities too
+        sparse = has_sparsity_pictures(model)  # pictures of its token maps / granularities too
 
         def show(images, targets, predictions):
             for img, tgt, pred in zip(images.tensors, targets, predictions):
@@ -195,9 +213,9 @@ class Trainer:
                     shown.append(draw_detections(denormalize(img[:, :h, :w].cpu()), pred,
                                                  self.class_names, self.cfg.eval.vis_score_threshold, tgt))
             if sparse and len(sparsity) < count:  # a second pass, for the first few images only
-                sparsity.extend(sparsity_pictures(self.model, images, count - len(sparsity)))
+                sparsity.extend(sparsity_pictures(model, images, count - len(sparsity)))
 
-        stats = evaluate(self.model, self.val_loader, evaluators, self.dist.device,
+        stats = evaluate(model, self.val_loader, evaluators, self.dist.device,
                          self.cfg.eval.precision, self.dist.is_main, show if self.dist.is_main else None)
         flat = {f"{iou}_{k}": v for iou, d in stats.items() for k, v in d.items()}
         self.run_logger.scalars("val", flat, self.state.iteration, epoch=self.state.epoch)
@@ -232,12 +250,20 @@ class Trainer:
         the caller advances the epoch."""
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.state.epoch)
-        sampler.start = self.state.step_in_epoch * self.cfg.train.batch_size
+        sampler.start = self.state.step_in_epoch * self.cfg.train.batch_size * self.cfg.train.accumulate
         self.train_set.set_epoch(self.state.epoch)
         return train_one_epoch(self.ddp, self.train_loader, self.optimizer, self.scaler, self.cfg.train,
-                               self.state, self.run_logger, self.dist.device, self.dist.is_main, after_step)
+                               self.state, self.run_logger, self.dist.device, self.dist.is_main, after_step,
+                               self.total_iters())
+
+    def total_iters(self) -> int:
+        """The run's optimizer steps: train.max_iters, else epochs x steps per epoch."""
+        t = self.cfg.train
+        return t.max_iters or t.epochs * (len(self.train_loader) // t.accumulate)
 
     def _after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         every = self.cfg.train.checkpoint_every_iters
         if every and self.state.iteration % every == 0:
             self.save()

@@ -18,3 +18,14 @@ def test_an_unreadable_checkpoint_ends_with_one_line_naming_it(tiny_coco, tmp_pa
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: checkpoint {bad}: truncated"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+
+
+def test_print_config_prints_the_resolved_config_and_parameters_by_part(capsys):
+    import main
+
+    counts = main.main(["--config", str(REPO / "configs/mask_rcnn_r18_synthetic.yaml"), "--print-config",
+                        "--opts", "model.rcnn.box_head_dim=64"])
+    out = capsys.readouterr().out
+    assert "box_head_dim: 64" in out and "parameters (M) backbone" in out
+    assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "trainable")) > 0
+    assert counts["trainable"] < counts["total"]  # the recipe freezes the stem and res2

@@ -28,7 +28,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.evaluation import COCOEvaluator
 from detectron2.model_zoo import get_config
 from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import MultiStepParamScheduler
+from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from omegaconf import OmegaConf
 
 from datasets.synthetic import STUFF_CATEGORIES, THING_CATEGORIES
@@ -158,6 +158,9 @@ def recipe(yaml_path: str | Path, processes: int | None = None, init_checkpoint:
         raise ValueError(f"{yaml_path}: model.name '{m.name}': detectron2 recipes are Mask R-CNN and Panoptic FPN")
     if t.clip_max_norm > 0:
         raise ValueError(f"{yaml_path}: train.clip_max_norm {t.clip_max_norm}: gradient clipping is not carried over")
+    if t.accumulate != 1 or t.ema:
+        raise ValueError(f"{yaml_path}: train.accumulate {t.accumulate} / train.ema {t.ema}: detectron2's trainer has "
+                         "neither gradient accumulation nor a weight average")
     panoptic = m.name == "panoptic_fpn"
     num_things, num_stuff = (len(THING_CATEGORIES), len(STUFF_CATEGORIES)) if d.synthetic.generate else (80, 53)
     if m.num_classes:
@@ -173,9 +176,11 @@ def recipe(yaml_path: str | Path, processes: int | None = None, init_checkpoint:
                                lr_multipliers=dict(t.lr_multipliers), no_decay=list(t.no_decay),
                                backbone_prefix=BACKBONE_PREFIX),
         lr=t.lr, weight_decay=t.weight_decay)
+    schedule = L(CosineParamScheduler)(start_value=1.0, end_value=t.min_lr_ratio) if t.lr_schedule == "cosine" \
+        else L(MultiStepParamScheduler)(values=[0.1 ** i for i in range(len(steps) + 1)], milestones=steps,
+                                        num_updates=max_iter)
     lr_multiplier = L(WarmupParamScheduler)(
-        scheduler=L(MultiStepParamScheduler)(values=[0.1 ** i for i in range(len(steps) + 1)],
-                                             milestones=steps, num_updates=max_iter),
+        scheduler=schedule,
         warmup_length=t.warmup_iters / max_iter, warmup_factor=t.warmup_ratio if t.warmup_iters else 1.0)
     train = get_config("common/train.py").train
     train.update(output_dir=str(Path("out/detectron2") / Path(yaml_path).stem), init_checkpoint=init_checkpoint,

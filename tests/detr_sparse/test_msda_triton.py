@@ -240,7 +240,7 @@ def test_a_tiny_deformable_detr_trains_a_step_with_the_triton_kernel(device, mon
         net = copy.deepcopy(model).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
-        stats = _train_step(net, images, targets, optimizer, scaler, cfg.train, TrainState(), torch.device(device))
+        stats = _train_step(net, [(images, targets)], optimizer, scaler, cfg.train, TrainState(), torch.device(device))
         runs[impl] = stats, {n: p.grad.cpu() for n, p in net.named_parameters() if p.grad is not None}
     (stats, grads), (ref_stats, ref_grads) = runs["triton"], runs["reference"]
     assert abs(stats["loss"] - ref_stats["loss"]) < 1e-4

@@ -54,3 +54,23 @@ def test_linear_warm_up_multiplies_the_scheduled_lr_and_restores_it():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert optimizer.param_groups[0]["lr"] == 0.1
 
+
+
+def test_cosine_schedule_runs_from_lr_to_the_floor_after_the_warm_up():
+    from types import SimpleNamespace
+
+    from engine.optim import build_scheduler
+    from engine.train import lr_factor
+
+    cfg = SimpleNamespace(warmup_iters=0, warmup_ratio=0.001, lr_schedule="cosine", min_lr_ratio=0.1, lr_drops=[1])
+    assert [lr_factor(i, 100, cfg) for i in (0, 50, 100, 120)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    cfg.warmup_iters = 10
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.001)  # the warm-up's first factor, on top of cosine's 1
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.55)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, cfg)  # cosine: lr_drops ignored
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    cfg.lr_schedule = "poly"
+    with pytest.raises(ValueError, match="train.lr_schedule: unknown schedule 'poly'"):
+        build_scheduler(optimizer, cfg)

@@ -7,6 +7,7 @@ import re
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from engine.logger import setup_logging
@@ -71,8 +72,8 @@ class _Linear(torch.nn.Module):
 
 def _scaled_step(model, scaler):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_cfg = SimpleNamespace(amp="none", clip_max_norm=1.0, warmup_iters=0, warmup_ratio=1.0)
-    return _train_step(model, torch.tensor([3.0, 4.0]), [], optimizer, scaler, train_cfg, TrainState(),
+    train_cfg = SimpleNamespace(amp="none", clip_max_norm=1.0, warmup_iters=0, warmup_ratio=1.0, lr_schedule="step")
+    return _train_step(model, [(torch.tensor([3.0, 4.0]), [])], optimizer, scaler, train_cfg, TrainState(),
                        torch.device("cpu"))
 
 
@@ -90,3 +91,34 @@ def test_a_scaled_step_clips_the_true_gradients_and_skips_an_overflowed_one():
     overflowed = _Linear(blowup=float("inf"))
     _scaled_step(overflowed, scaler)
     assert overflowed.w.tolist() == [1.0, -2.0] and scaler.get_scale() == 2.0**11  # skipped, scale halved
+
+
+def test_four_accumulated_batches_step_as_one_batch_four_times_larger():
+    """Equal image sizes and one box per image: the DETR losses' normalisers (queries, boxes)
+    are then the same per image, and the mean of four batches' losses is the big batch's."""
+    import copy
+
+    from detr_sparse import build_model
+    from detr_sparse.image_batch import ImageBatch
+    from engine.config import load_config
+    from helpers import TINY_MODEL
+
+    cfg = load_config(None, TINY_MODEL + ["model.transformer.dropout=0.0", "train.clip_max_norm=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).train()
+    pixels = [torch.randn(3, 64, 64) for _ in range(4)]
+    targets = [{"boxes": torch.tensor([[4.0 + 8 * i, 6.0, 40.0, 30.0 + 4 * i]]), "labels": torch.tensor([i % 3])}
+               for i in range(4)]
+    runs = []
+    for batches in ([(ImageBatch.from_images(pixels), targets)],
+                    [(ImageBatch.from_images([p]), [t]) for p, t in zip(pixels, targets)]):
+        net = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        stats = _train_step(net, batches, optimizer, scaler, cfg.train, TrainState(), torch.device("cpu"))
+        runs.append((stats, dict(net.named_parameters())))
+    (big, big_params), (accumulated, params) = runs
+    assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-5)
+    assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
+    for name, p in params.items():
+        assert torch.allclose(p, big_params[name], atol=1e-6), name

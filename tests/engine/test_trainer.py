@@ -174,3 +174,48 @@ def test_eval_precision_bf16_evaluates_under_autocast_and_a_bad_mode_stops_at_th
     trainer.close()
     with pytest.raises(ValueError, match="eval.precision: unknown mode 'fp8'"):
         _trainer(tiny_coco, tmp_path / "bad", **{"eval.precision": "fp8"})
+
+
+def test_accumulation_steps_every_n_batches_and_resumes_mid_epoch_at_the_right_sample(tiny_coco, tmp_path):
+    # 8 images, batch 2: 4 batches per epoch, 2 optimizer steps with accumulate 2
+    trainer = _trainer(tiny_coco, tmp_path, **{"train.epochs": 1, "train.accumulate": 2, "train.eval_every": 100})
+    assert trainer.total_iters() == 2
+    trainer.train()
+    assert trainer.state.iteration == 2
+    trainer.state.step_in_epoch = 1
+    trainer.train_loader.sampler.start = 0
+    trainer.train_epoch(lambda: None)  # the second step's two batches only
+    assert trainer.state.iteration == 3
+    assert trainer.train_loader.sampler.start == 1 * 2 * 2
+    trainer.close()
+    with pytest.raises(ValueError, match="train.accumulate: 0"):
+        _trainer(tiny_coco, tmp_path / "bad", **{"train.accumulate": 0})
+
+
+def test_the_weight_average_follows_each_step_is_evaluated_and_resumes(tiny_coco, tmp_path):
+    trainer = _trainer(tiny_coco, tmp_path, **{"train.epochs": 1, "train.ema": 0.5, "train.eval_every": 100})
+    snapshots = []
+
+    def after_step():
+        snapshots.append({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+        trainer._after_step()
+
+    trainer.train_epoch(after_step)
+    expected = snapshots[0]  # the average starts at the first step's weights, then halves towards each
+    for snap in snapshots[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * snap[k] for k in expected}
+    averaged = dict(trainer.ema.module.named_parameters())
+    assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in expected)
+    assert not torch.equal(averaged["class_embed.weight"], trainer.model.class_embed.weight)
+    called = []
+    trainer.ema.module.class_embed.register_forward_hook(lambda m, i, o: called.append("average"))
+    trainer.model.class_embed.register_forward_hook(lambda m, i, o: called.append("model"))
+    trainer.evaluate()
+    assert called and set(called) == {"average"}
+    trainer.save()
+    trainer.close()
+    resumed = _trainer(tiny_coco, tmp_path / "resumed", **{"train.epochs": 1, "train.ema": 0.5})
+    resumed.resume(tmp_path / "checkpoint.pth")
+    again = dict(resumed.ema.module.named_parameters())
+    assert all(torch.equal(again[k], averaged[k]) for k in averaged)
+    resumed.close()

@@ -35,3 +35,8 @@ def test_the_recipe_carries_over_the_yamls_heads_data_and_schedule():
     assert loader.test.mapper.augmentations[0].short_edge_length == 144
     with pytest.raises(ValueError, match="Mask R-CNN and Panoptic FPN"):
         recipe(REPO / "configs" / "detr_r18_synthetic.yaml")
+    *_, lr, _, _ = recipe(REPO / "configs" / "mask_rcnn_r18_synthetic.yaml",
+                          overrides=["train.lr_schedule=cosine", "train.min_lr_ratio=0.05"])
+    assert (lr.scheduler.start_value, lr.scheduler.end_value) == (1.0, 0.05)
+    with pytest.raises(ValueError, match="train.accumulate 2"):
+        recipe(REPO / "configs" / "mask_rcnn_r18_synthetic.yaml", overrides=["train.accumulate=2"])
