@@ -17,6 +17,7 @@
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
     python tools/benchmark.py --component gather    # the token core's row gather vs torch.gather
     python tools/benchmark.py --component spa --size 800 1280   # SPA's packed attention vs windows
+    python tools/benchmark.py --component swin_timm --size 800 1066   # our Swin-T vs timm's (installed apart)
 
 With several configs, ratios against the first one are printed too (same process, same input);
 with --precision fp32 bf16, a row for each (bf16: autocast, the matmuls on AMX where the CPU
@@ -364,7 +365,7 @@ def main(argv=None) -> list[dict]:
                    "reference, time and peak memory; dge_train = a DGE "
                    "backbone's training step, dense vs sparse form (--dge-backbone); gather = the token "
                    "core's row gather vs torch.gather; spa = SPA's packed attention per selected token vs "
-                   "window attention per token")
+                   "window attention per token; swin_timm = our Swin-T backbone vs timm's (timm installed apart)")
     p.add_argument("--dge-backbone", default="pvt_s_dge", help="--component dge_train: the backbone")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1066], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
@@ -419,8 +420,39 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def swin_timm_component(args) -> list[dict]:
+    """This project's Swin-T backbone (res3-res5) against timm's `swin_tiny_patch4_window7_224`
+    features (the official Swin's layout, Sparse DETR's backbone) at --size, random weights,
+    batch --batch, median seconds of each in --precision. timm is not a dependency: install it
+    apart (pip install --target DIR timm huggingface_hub safetensors; PYTHONPATH=DIR)."""
+    from engine.benchmark import time_call
+    from detr_sparse.backbones import build_backbone
+    from engine.config import BackboneConfig
+
+    try:
+        import timm
+    except ImportError as e:
+        raise SystemExit(f"--component swin_timm needs timm ({e}); install it apart, see --help") from e
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, *args.size)
+    ours = build_backbone(BackboneConfig(name="swin_t"), ("res3", "res4", "res5")).eval()
+    theirs = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True,
+                               out_indices=(1, 2, 3), img_size=tuple(args.size), strict_img_size=False).eval()
+    rows = []
+    print("precision | ours s | timm s | ours / timm")
+    for precision in args.precision or ["fp32"]:
+        with torch.no_grad(), autocast(x.device, precision, "--precision"):
+            row = {"component": "swin_timm", "size": list(args.size), "batch": args.batch, "precision": precision,
+                   "ours_s": time_call(lambda: ours(x), args.runs, args.warmup),
+                   "timm_s": time_call(lambda: theirs(x), args.runs, args.warmup)}
+        row["ratio"] = row["ours_s"] / row["timm_s"]
+        rows.append(row)
+        print(f"{precision} | {row['ours_s']:.3f} | {row['timm_s']:.3f} | {row['ratio']:.2f}")
+    return rows
+
+
 COMPONENTS = {"msda": msda_component, "dge_train": dge_component, "gather": gather_component,
-              "spa": spa_component}
+              "spa": spa_component, "swin_timm": swin_timm_component}
 
 if __name__ == "__main__":
     main()

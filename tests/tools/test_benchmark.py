@@ -173,3 +173,17 @@ def test_a_row_per_precision_with_ratios_against_the_first(capsys):
     assert rows[0]["gflops"] == rows[1]["gflops"] and all(r["latency_s"] > 0 for r in rows)
     table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if "deformable_detr_plus" in line]
     assert [cells[1] for cells in table] == ["fp32", "bf16"]
+
+
+def test_swin_against_timm_or_a_clear_word_without_timm():
+    import importlib.util
+
+    import pytest
+
+    args = ["--component", "swin_timm", "--size", "64", "96", "--runs", "1", "--warmup", "0"]
+    if importlib.util.find_spec("timm") is None:  # not a dependency: installed apart
+        with pytest.raises(SystemExit, match="needs timm"):
+            benchmark.main(args)
+        return
+    rows = benchmark.main(args)
+    assert rows[0]["ours_s"] > 0 and rows[0]["timm_s"] > 0
