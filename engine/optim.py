@@ -13,23 +13,21 @@ def param_groups(model: nn.Module, lr: float, backbone_lr: float, weight_decay: 
                  lr_multipliers: dict[str, float] | None = None, no_decay: list[str] | None = None,
                  backbone_prefix: str = "backbone.") -> list[dict]:
     """One group per distinct (learning rate, weight decay); the backbone's parameters are
-    those whose name starts with `backbone_prefix`. A parameter whose name contains
-    a key of `lr_multipliers` (e.g. "sampling_offsets": 0.1) gets lr * that factor; one whose
-    name contains a string of `no_decay` (e.g. "bias") gets no weight decay."""
+    those whose name starts with `backbone_prefix` and train at `backbone_lr`, the others at
+    `lr`. A parameter whose name contains a key of `lr_multipliers` (e.g. "sampling_offsets":
+    0.1; "gate": 10 for the SViT gates of a backbone) gets its learning rate times that
+    factor; one whose name contains a string of `no_decay` (e.g. "bias") gets no weight decay."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(backbone_prefix):
-            if backbone_lr <= 0:
-                p.requires_grad_(False)
-                continue
-            p_lr = backbone_lr
-        else:
-            p_lr = lr
-            for key, factor in (lr_multipliers or {}).items():
-                if key in name:
-                    p_lr = lr * factor
+        if name.startswith(backbone_prefix) and backbone_lr <= 0:
+            p.requires_grad_(False)
+            continue
+        p_lr = backbone_lr if name.startswith(backbone_prefix) else lr
+        for key, factor in (lr_multipliers or {}).items():
+            if key in name:
+                p_lr = p_lr * factor
         decay = 0.0 if any(key in name for key in no_decay or ()) else weight_decay
         groups.setdefault((p_lr, decay), []).append(p)
     return [{"params": ps, "lr": g_lr, "weight_decay": decay} for (g_lr, decay), ps in groups.items()]

@@ -182,7 +182,7 @@ def evaluate(model, loader, evaluators, device, precision: str = "fp32", show_pr
             images, targets = to_device(images, targets, device)
             with autocast(device, precision, "eval.precision"):
                 predictions = model(images)
-            predictions = [{k: _to_cpu(v) for k, v in p.items()} for p in predictions]
+            predictions = [{k: to_cpu(v) for k, v in p.items()} for p in predictions]
             targets = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             for evaluator in evaluators:
                 evaluator.update(predictions, targets)
@@ -195,7 +195,8 @@ def evaluate(model, loader, evaluators, device, precision: str = "fp32", show_pr
     return stats
 
 
-def _to_cpu(value):
+def to_cpu(value):
+    """A prediction value on the CPU, floats as fp32 (bf16 evaluation); other values as they are."""
     if not torch.is_tensor(value):
         return value
     return (value.float() if value.is_floating_point() else value).cpu()

@@ -35,6 +35,7 @@ from detr_sparse.sparsity.sparse_detr import binarize_top, reference_correlation
 from engine.checkpoint import build_eval_model  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
+from engine.train import to_cpu  # noqa: E402
 from engine.visualize import (backbone_panels, denormalize, draw_detections, has_backbone_pictures,  # noqa: E402
                               side_by_side, sparsity_maps, token_overlays)
 
@@ -62,7 +63,7 @@ def visualize_batch(model, images, targets, class_names: list[str], threshold: f
     rows = []
     for i, (h, w) in enumerate(images.sizes.tolist()):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
-        prediction = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in predictions[i].items()}
+        prediction = {k: to_cpu(v) for k, v in predictions[i].items()}
         detections = draw_detections(image, prediction, class_names, threshold, targets[i])
         panels = token_overlays(image, {k: v[i] for k, v in maps["maps"].items()}, shapes, starts, valid[i], padded)
         row = {"picture": side_by_side([detections, *panels]), "image_id": targets[i]["image_id"], "size": [h, w]}
@@ -102,7 +103,7 @@ def visualize_backbone_batch(model, images, targets, class_names: list[str], thr
     rows = []
     for i, (h, w) in enumerate(images.sizes.tolist()):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
-        prediction = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in predictions[i].items()}
+        prediction = {k: to_cpu(v) for k, v in predictions[i].items()}
         row = {"picture": side_by_side([draw_detections(image, prediction, class_names, threshold, targets[i]),
                                         *backbone_panels(backbone, i, image)]),
                "image_id": targets[i]["image_id"], "size": [h, w]}
@@ -128,7 +129,7 @@ def main(argv=None) -> list[dict]:
     cfg = load_config(args.config, args.opts)
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data, "val")
-    model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device)
+    model = build_eval_model(cfg.model, dataset.num_classes, args.checkpoint, device, getattr(dataset, "is_thing", None))
     on_backbone = has_backbone_pictures(model)
     if not hasattr(model, "token_maps") and not on_backbone:
         p.error(f"model.name '{cfg.model.name}' has no token maps: use a sparse_detr, pnp_detr, *_dge, *_svit "

@@ -43,6 +43,23 @@ def test_no_decay_names_get_no_weight_decay_and_groups_split_by_lr_and_decay():
     assert len(groups) == 4
 
 
+def test_lr_multipliers_reach_the_backbones_parameters_too():
+    from engine.optim import param_groups
+
+    model = torch.nn.Module()
+    model.head = torch.nn.Linear(4, 4)
+    model.backbone = torch.nn.Module()
+    model.backbone.block = torch.nn.Linear(4, 4)
+    model.backbone.gate = torch.nn.Linear(4, 2)  # an SViT gate: new, it learns faster
+    groups = param_groups(model, 1e-4, 1e-5, 0.0, lr_multipliers={"gate": 10, "head.bias": 0.1})
+    named = dict(model.named_parameters())
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert by_param[id(named["backbone.gate.weight"])] == pytest.approx(1e-4)
+    assert by_param[id(named["backbone.block.weight"])] == pytest.approx(1e-5)
+    assert by_param[id(named["head.bias"])] == pytest.approx(1e-5)
+    assert by_param[id(named["head.weight"])] == pytest.approx(1e-4)
+
+
 def test_linear_warm_up_multiplies_the_scheduled_lr_and_restores_it():
     from engine.train import warmed_up, warmup_factor
 

@@ -92,3 +92,10 @@ def test_an_spt_backbone_detector_draws_its_selections(tiny_coco, tmp_path, caps
         # detections | selection count
         assert Image.open(tmp_path / "pictures" / f"sparsity_{i}.png").size == (2 * w + GAP, h)
         assert 0 < row["select_res4"] <= 1 and 0 <= row["object_selected"] <= 1
+
+
+def test_a_panoptic_fpn_is_built_with_its_datasets_thing_and_stuff_classes(tiny_coco, tmp_path, capsys):
+    rows, lines = _mask_rcnn_rows(tiny_coco, tmp_path, capsys, "mask_rcnn_deit_s.yaml", "model.backbone.name=deit_t_svit",
+                                  "model.name=panoptic_fpn", "data.panoptic=true", "data.masks=false",
+                                  "model.rcnn.semantic_channels=32")
+    assert len(rows) == 2 and all("keep shares of the gated blocks" in line for line in lines)
