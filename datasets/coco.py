@@ -54,6 +54,31 @@ def load_coco_api(ann_file: str) -> COCO:
     return coco
 
 
+def read_categories(ann_file: str) -> list[dict]:
+    """The categories of a COCO instances or panoptic annotation file in id order (the label
+    order of the datasets), each {"id", "name" (the id as text when absent), "isthing" (1 when
+    absent)}; ValueError naming the file when it is not JSON or has no categories list."""
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            cats = json.load(f)["categories"]
+        return [{"id": int(c["id"]), "name": str(c.get("name", c["id"])), "isthing": int(c.get("isthing", 1))}
+                for c in sorted(cats, key=lambda c: c["id"])]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"annotation file {ann_file} has no COCO 'categories' list "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def read_image(path: str) -> tv_tensors.Image:
+    """An image file as a uint8 (3, H, W) RGB tensor; OSError naming the file when it cannot
+    be decoded (a truncated file fails here, not later)."""
+    try:
+        with Image.open(path) as pil:
+            pil = pil.convert("RGB")  # forces the decode
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+    return tv_tensors.Image(F.pil_to_tensor(pil))
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """COCO images with DETR targets.
 
@@ -164,13 +189,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return os.path.join(self.img_folder, self.coco.imgs[self.ids[idx]]["file_name"])
 
     def _read_image(self, idx: int) -> tv_tensors.Image:
-        path = self.image_path(idx)
-        try:
-            with Image.open(path) as pil:
-                pil = pil.convert("RGB")  # forces the decode, so truncated files fail here
-        except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
-        return tv_tensors.Image(F.pil_to_tensor(pil))
+        return read_image(self.image_path(idx))
 
     def _make_sample(self, idx: int, image: tv_tensors.Image):
         img_id = self.ids[idx]

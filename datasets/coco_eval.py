@@ -12,11 +12,11 @@ import logging
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as nnf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
+from detr_sparse.postprocess import boxes_to_original, masks_to_original
 from engine.distributed import all_gather_objects, broadcast_object, get_rank, is_distributed
 
 logger = logging.getLogger("detr_sparse.eval")
@@ -40,6 +40,18 @@ def merge_rank_results(per_rank: list[tuple[list[int], dict]], iou_types) -> tup
             for t in iou_types:
                 results[t][img_id] = rank_results[t].get(img_id, [])
     return img_ids, results
+
+
+def encode_rle(masks: torch.Tensor) -> list[dict]:
+    """(N, H, W) bool masks -> COCO RLEs ({"size", "counts"} with counts as str, so results
+    pickle and dump to JSON)."""
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants a Fortran-ordered (H, W, N) uint8 array.
+    rles = mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 class CocoEvaluator:
@@ -84,9 +96,7 @@ class CocoEvaluator:
             scores = pred["scores"].detach().float().cpu().tolist()
             cat_ids = self._cat_ids(pred["labels"])
             if "bbox" in self.iou_types:
-                scale_x, scale_y = orig_hw[1] / in_w, orig_hw[0] / in_h
-                boxes = pred["boxes"].detach().float().cpu().reshape(-1, 4)
-                boxes = boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])
+                boxes = boxes_to_original(pred["boxes"].detach().cpu(), (in_h, in_w), orig_hw)
                 xywh = box_convert(boxes, "xyxy", "xywh").tolist()
                 self.results["bbox"][img_id] = [
                     {"image_id": img_id, "category_id": c, "bbox": b, "score": s}
@@ -95,7 +105,7 @@ class CocoEvaluator:
             if "segm" in self.iou_types:
                 if "masks" not in pred:
                     raise ValueError("'segm' evaluation needs 'masks' in every prediction")
-                rles = self._encode_masks(pred["masks"], (in_h, in_w), orig_hw)
+                rles = encode_rle(masks_to_original(pred["masks"].detach().cpu(), (in_h, in_w), orig_hw))
                 # No "bbox" key: loadRes would then take the box area as the segment area.
                 self.results["segm"][img_id] = [
                     {"image_id": img_id, "category_id": c, "segmentation": r, "score": s}
@@ -109,22 +119,6 @@ class CocoEvaluator:
         if bad:
             raise ValueError(f"labels {sorted(set(bad))} outside 0..{len(self.label_to_cat_id) - 1}")
         return [self.label_to_cat_id[lab] for lab in labels]
-
-    @staticmethod
-    def _encode_masks(masks: torch.Tensor, in_hw: tuple[int, int], orig_hw: tuple[int, int]) -> list[dict]:
-        masks = masks.detach().float().cpu()
-        if masks.dim() == 4:
-            masks = masks[:, 0]
-        if masks.shape[0] == 0:
-            return []
-        # Masks handed over at the padded batch size hold padding beyond the image: cut it.
-        masks = masks[:, : in_hw[0], : in_hw[1]]
-        masks = nnf.interpolate(masks[:, None], size=orig_hw, mode="bilinear", align_corners=False)[:, 0] > 0.5
-        # pycocotools wants a Fortran-ordered (H, W, N) uint8 array.
-        rles = mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode("ascii")  # str, so results pickle and dump to JSON
-        return rles
 
     def gather(self) -> None:
         """Give every rank all ranks' results (no-op without torch.distributed)."""
@@ -140,8 +134,37 @@ class CocoEvaluator:
         summary = {t: self._evaluate(t) for t in self.iou_types} if get_rank() == 0 else None
         return broadcast_object(summary)
 
+    def coco_results(self, iou_type: str) -> list[dict]:
+        """This rank's results of an iou type (every rank's after ``gather``) in COCO's results
+        format, by image id: what ``loadRes`` reads and a results JSON holds."""
+        return [dict(r) for img_id in sorted(self.results[iou_type]) for r in self.results[iou_type][img_id]]
+
+    def per_category(self, iou_type: str) -> dict[int, dict]:
+        """After ``summarize``, on rank 0: category id -> {"AP", "AP50" (area all, 100
+        detections; -1 for a category without ground truth in the evaluated images), "gt" (its
+        non-crowd instances there), "detections" (its results)}, in label order."""
+        gt = dict.fromkeys(self.label_to_cat_id, 0)
+        for img_id in self.img_ids:
+            for ann in self.coco_gt.imgToAnns.get(img_id, []):
+                if not ann.get("iscrowd", 0) and ann["category_id"] in gt:
+                    gt[ann["category_id"]] += 1
+        found = dict.fromkeys(self.label_to_cat_id, 0)
+        for r in self.coco_results(iou_type):
+            found[r["category_id"]] += 1
+        coco_eval = self.coco_eval.get(iou_type)
+        rows = {}
+        for cat_id in self.label_to_cat_id:
+            ap = ap50 = -1.0 if gt[cat_id] == 0 else 0.0
+            if coco_eval is not None and cat_id in coco_eval.params.catIds:
+                # precision: (IoU thresholds, recall points, categories, areas, max detections); -1: none
+                precision = coco_eval.eval["precision"][:, :, coco_eval.params.catIds.index(cat_id), 0, -1]
+                ap = float(precision[precision > -1].mean()) if (precision > -1).any() else -1.0
+                ap50 = float(precision[0][precision[0] > -1].mean()) if (precision[0] > -1).any() else -1.0
+            rows[cat_id] = {"AP": ap, "AP50": ap50, "gt": gt[cat_id], "detections": found[cat_id]}
+        return rows
+
     def _evaluate(self, iou_type: str) -> dict[str, float]:
-        results = [dict(r) for img_id in sorted(self.results[iou_type]) for r in self.results[iou_type][img_id]]
+        results = self.coco_results(iou_type)
         if not results:
             # pycocotools' loadRes cannot take an empty list; nothing detected is AP 0.
             return dict.fromkeys(STAT_NAMES, 0.0)

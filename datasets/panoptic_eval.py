@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from detr_sparse.postprocess import id_map_to_original
 from engine.distributed import all_gather_objects, is_distributed
 
 MATCH_IOU = 0.5
@@ -40,11 +41,6 @@ def _as_numpy_map(value, what: str) -> np.ndarray:
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{what} must be an (H, W) integer segment-id map, got {array.dtype} of shape {array.shape}")
     return array.astype(np.int64, copy=False)
-
-
-def _resize_nearest(id_map: np.ndarray, shape) -> np.ndarray:
-    resized = torch.nn.functional.interpolate(torch.from_numpy(id_map)[None, None].double(), size=tuple(shape))
-    return resized[0, 0].long().numpy()
 
 
 def pq_image_stats(
@@ -183,7 +179,7 @@ class PanopticEvaluator:
             pred_map = _as_numpy_map(pred["panoptic"], f"prediction 'panoptic' of image id {img_id}")
             at_input_size = "size" in target and pred_map.shape == tuple(int(v) for v in target["size"])
             if pred_map.shape != gt_map.shape and at_input_size:
-                pred_map = _resize_nearest(pred_map, gt_map.shape)
+                pred_map = id_map_to_original(torch.from_numpy(pred_map), gt_map.shape).numpy()
             if gt_map.shape != pred_map.shape:
                 raise ValueError(
                     f"prediction for image id {img_id} is {pred_map.shape[0]}x{pred_map.shape[1]} but the "

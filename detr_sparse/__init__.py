@@ -1,4 +1,14 @@
-"""detr_sparse: DETR-family detectors and their token-sparse variants."""
+"""detr_sparse: DETR-family detectors and their token-sparse variants; `Predictor`: inference
+on any images (detr_sparse/predictor.py)."""
+
+
+def __getattr__(name: str):
+    # imported on first use: the predictor needs the engine and datasets, which import this package
+    if name == "Predictor":
+        from .predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'detr_sparse' has no attribute {name!r}")
 
 
 def build_model(model_cfg, num_classes: int, is_thing: list[bool] | None = None):

@@ -85,3 +85,33 @@ def postprocess_panoptic(outputs: dict, sizes: Tensor, padded: tuple[int, int], 
         id_map, segments = panoptic_segments(masks[:, :h, :w], labels[i, keep[i]], is_thing.tolist())
         results.append({"panoptic": id_map, "segments_info": segments})
     return results
+
+
+# ---------------------------------------------------------------- back to the original image
+# A model predicts in the coordinates of its input (the image after the evaluation resize);
+# these map its predictions back to the image as it was read (COCO evaluation, the Predictor).
+
+def boxes_to_original(boxes: Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> Tensor:
+    """(N, 4) absolute xyxy in the input image (h, w) -> the same boxes in the original image."""
+    scale_y, scale_x = original_hw[0] / input_hw[0], original_hw[1] / input_hw[1]
+    scale = torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32, device=boxes.device)
+    return boxes.float().reshape(-1, 4) * scale
+
+
+def masks_to_original(masks: Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> Tensor:
+    """(N, H, W) or (N, 1, H, W) mask probabilities at the input size (or at a padded batch
+    size: the padding beyond input_hw is cut) -> (N, h0, w0) bool at the original size
+    (bilinear, then > 0.5)."""
+    masks = masks.float()
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.shape[0] == 0:
+        return torch.zeros((0, *original_hw), dtype=torch.bool)
+    masks = masks[:, : input_hw[0], : input_hw[1]]
+    return F.interpolate(masks[:, None], size=tuple(original_hw), mode="bilinear", align_corners=False)[:, 0] > 0.5
+
+
+def id_map_to_original(id_map: Tensor, original_hw: tuple[int, int]) -> Tensor:
+    """(H, W) integer segment-id map -> (h0, w0) int64, nearest neighbour (ids are not blended)."""
+    resized = F.interpolate(id_map[None, None].double(), size=tuple(original_hw))
+    return resized[0, 0].long()

@@ -205,6 +205,13 @@ class DataConfig:
     root: str = "data/coco"
     train_split: str = "train2017"
     val_split: str = "val2017"
+    # a split given as its own image folder and COCO annotation file, in any layout (both
+    # keys, or neither for data.root's COCO layout); the class names come from the file. With
+    # data.panoptic the file is a panoptic one and its PNGs lie in its path without ".json".
+    train_images: str = ""
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
     masks: bool = False
     panoptic: bool = False  # COCO panoptic (annotations/panoptic_<split>.json + PNGs): things + stuff
     skip_unreadable: bool = False  # skip corrupt images with a counted warning instead of failing

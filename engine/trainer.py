@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets import build_dataset, collate_fn
+from datasets import build_dataset, check_same_categories, collate_fn, split_files
 from datasets.coco_eval import CocoEvaluator
 from datasets.panoptic_eval import PanopticEvaluator
 from detr_sparse import build_model
@@ -20,6 +20,7 @@ from detr_sparse import build_model
 from . import checkpoint as ckpt
 from .config import ConfigError, save_config, to_dict
 from .distributed import DistInfo, all_gather_objects, barrier
+from .eval_outputs import write_eval_outputs
 from .logger import RunLogger
 from .optim import build_optimizer, build_scheduler, optimizer_state
 from .scale import checkpoint_activations, wrap_ddp
@@ -37,9 +38,10 @@ def seed_everything(seed: int) -> None:
 
 def ensure_synthetic_data(data_cfg, dist: DistInfo) -> None:
     """Generate the synthetic dataset on rank 0 when the config asks for it and data.root
-    does not already hold it. A folder made with other arguments is an error, not overwritten."""
+    does not already hold it (nor is unused: both splits given by their own files). A folder
+    made with other arguments is an error, not overwritten."""
     syn = data_cfg.synthetic
-    if not syn.generate:
+    if not syn.generate or all(split_files(data_cfg, split)[2] for split in ("train", "val")):
         return
     from datasets import synthetic
 
@@ -105,6 +107,8 @@ class Trainer:
         ensure_synthetic_data(cfg.data, dist)
         self.val_set = build_dataset(cfg.data, "val")
         self.train_set = None if eval_only else build_dataset(cfg.data, "train")
+        if self.train_set is not None:
+            check_same_categories(self.train_set, self.val_set)
         num_classes = cfg.model.num_classes or (self.train_set or self.val_set).num_classes
         self.class_names = list(self.val_set.cat_names)
         is_thing = getattr(self.val_set, "is_thing", None)  # panoptic sets: things vs stuff
@@ -150,7 +154,13 @@ class Trainer:
                 "epoch": self.state.epoch, "iteration": self.state.iteration,
                 "step_in_epoch": self.state.step_in_epoch,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                "classes": self.classes(),  # what detr_sparse.Predictor names the labels by
                 "config": to_dict(self.cfg), "rng": all_gather_objects(ckpt.rng_state())}
+
+    def classes(self) -> dict:
+        """The dataset's classes in label order: names, category ids, which are things."""
+        is_thing = getattr(self.val_set, "is_thing", None) or [True] * len(self.class_names)
+        return {"names": list(self.class_names), "category_ids": list(self.categories), "is_thing": list(is_thing)}
 
     def save(self) -> None:
         state = self.state_dict()  # every rank joins the RNG gather
@@ -179,7 +189,9 @@ class Trainer:
             else:  # a run that turns the average on: it starts from the weights as they are
                 log.warning("%s: no weight average saved: the average starts from its weights", path)
                 self.ema = self._new_ema()
-        if weights_only:
+        if weights_only:  # evaluation: logged, and its files named, at the checkpoint's epoch and iteration
+            if "iteration" in state:  # a detr_sparse training checkpoint
+                self.state = TrainState(state["epoch"], state["iteration"])
             return
         if "optimizer" not in state:
             raise ckpt.CheckpointError(f"checkpoint {path}: model weights only (no optimizer state), nothing "
@@ -224,6 +236,8 @@ class Trainer:
         for i, image in enumerate(sparsity):
             self.run_logger.image(f"val/sparsity_{i}", image, self.state.iteration)
         log.info("eval at epoch %d: %s", self.state.epoch, json.dumps(stats))
+        if self.dist.is_main:  # the ranks' results are gathered by now
+            write_eval_outputs(self.out, self.state.epoch, evaluators)
         return stats
 
     # ----------------------------------------------------------------- training

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -18,17 +18,30 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 
 def draw_detections(image: torch.Tensor, prediction: dict, class_names: list[str],
                     threshold: float = 0.5, target: dict | None = None) -> torch.Tensor:
-    """uint8 (3, H, W) image with ground truth (green) and detections above `threshold` (red)."""
+    """uint8 (3, H, W) image with ground truth (green) and detections above `threshold` (red),
+    and their masks when the prediction has "masks" ((N, [1,] H, W) probabilities or bool at
+    the image's size)."""
     image = image.cpu()
     if target is not None and len(target["boxes"]):
         image = draw_bounding_boxes(image, target["boxes"].cpu(), colors="lime", width=1)
     keep = prediction["scores"] > threshold
+    if "masks" in prediction and keep.any():
+        masks = prediction["masks"][keep].cpu()
+        image = draw_segmentation_masks(image, (masks[:, 0] if masks.dim() == 4 else masks).float() > 0.5, alpha=0.4)
     boxes = prediction["boxes"][keep].cpu()
     if len(boxes):
         labels = [f"{class_names[l] if l < len(class_names) else l} {s:.2f}"
                   for l, s in zip(prediction["labels"][keep].tolist(), prediction["scores"][keep].tolist())]
         image = draw_bounding_boxes(image, boxes, labels=labels, colors="red", width=2)
     return image
+
+
+def draw_panoptic(image: torch.Tensor, id_map: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) image with each segment of an (H, W) id map (0: none) in its own colour."""
+    ids = [i for i in id_map.unique().tolist() if i != 0]
+    if not ids:
+        return image.cpu()
+    return draw_segmentation_masks(image.cpu(), id_map.cpu()[None] == torch.tensor(ids)[:, None, None], alpha=0.5)
 
 
 # ----------------------------------------------------------------- token sparsity pictures

@@ -29,3 +29,15 @@ def test_print_config_prints_the_resolved_config_and_parameters_by_part(capsys):
     assert "box_head_dim: 64" in out and "parameters (M) backbone" in out
     assert counts["total"] == sum(v for k, v in counts.items() if k not in ("total", "trainable")) > 0
     assert counts["trainable"] < counts["total"]  # the recipe freezes the stem and res2
+
+
+def test_a_missing_annotation_file_of_a_custom_split_ends_with_one_line_naming_the_key(custom_coco, tmp_path):
+    opts = [o if not o.startswith("data.train_annotations=") else f"data.train_annotations={tmp_path / 'gone.json'}"
+            for o in custom_coco]
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", str(REPO / "configs/detr_r50.yaml"),
+                             "--opts", *tiny_overrides(tmp_path / "no_root", tmp_path / "out"), *opts],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data.train_annotations: annotation file not found: {tmp_path / 'gone.json'}"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -158,6 +158,10 @@ def recipe(yaml_path: str | Path, processes: int | None = None, init_checkpoint:
         raise ValueError(f"{yaml_path}: model.name '{m.name}': detectron2 recipes are Mask R-CNN and Panoptic FPN")
     if t.clip_max_norm > 0:
         raise ValueError(f"{yaml_path}: train.clip_max_norm {t.clip_max_norm}: gradient clipping is not carried over")
+    custom = [k for k in ("train_images", "train_annotations", "val_images", "val_annotations") if d[k]]
+    if custom:
+        raise ValueError(f"{yaml_path}: data.{custom[0]}: detectron2's datasets are registered from data.root's "
+                         "COCO layout; a split in its own folder and file is not carried over")
     if t.accumulate != 1 or t.ema:
         raise ValueError(f"{yaml_path}: train.accumulate {t.accumulate} / train.ema {t.ema}: detectron2's trainer has "
                          "neither gradient accumulation nor a weight average")

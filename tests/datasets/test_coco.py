@@ -5,7 +5,8 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from datasets import CocoDetection, build_dataset, build_transforms, collate_fn
+from datasets import CocoDetection, build_dataset, build_transforms, check_same_categories, collate_fn
+from engine.config import ConfigError
 
 
 def dataset(root, helpers, **kwargs):
@@ -202,6 +203,63 @@ def test_build_dataset_reads_config(coco_root, make_data_cfg):
     assert image.shape == (3, 32, 42) and "masks" in target
     with pytest.raises(ValueError, match="split"):
         build_dataset(cfg, "test")
+
+
+def _custom_split(root, helpers, tmp_path):
+    """The fixture's val split moved into a layout of its own -> (image folder, annotation file)."""
+    images, annotations = tmp_path / "somewhere" / "pictures", tmp_path / "labels" / "my_val.json"
+    annotations.parent.mkdir()
+    images.parent.mkdir()
+    helpers.val_paths(root)[0].rename(images)
+    helpers.val_paths(root)[1].rename(annotations)
+    return images, annotations
+
+
+def test_a_split_given_by_its_own_folder_and_file(coco_root, coco_helpers, make_data_cfg, tmp_path):
+    images, annotations = _custom_split(coco_root, coco_helpers, tmp_path)
+    cfg = make_data_cfg(tmp_path / "no_root", val_images=str(images), val_annotations=str(annotations), masks=True)
+    val = build_dataset(cfg, "val")
+    assert val.img_folder == str(images) and val.ann_file == str(annotations) and len(val) == 3
+    assert val.cat_names == [c["name"] for c in sorted(coco_helpers.categories, key=lambda c: c["id"])]
+    assert "masks" in val[0][1]
+    # data.root still serves the other split, as before
+    assert build_dataset(make_data_cfg(coco_root, val_images=str(images), val_annotations=str(annotations)),
+                         "train").img_folder == str(coco_root / "train2017")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("only_images", r"^data.val_annotations is not set but data.val_images is"),
+    ("no_file", r"^data.val_annotations: annotation file not found: .*missing.json$"),
+    ("no_folder", r"^data.val_images: image folder not found: .*nowhere$"),
+    ("bad_json", r"^data.val_annotations: annotation file .*my_val.json is not valid JSON"),
+    ("image_missing", r"^data.val_images .*pictures lacks 1 of the 3 images data.val_annotations .*my_val.json "
+                      r"lists, e.g. .*pictures/"),
+])
+def test_a_custom_split_that_is_missing_or_malformed_is_a_one_line_error(
+        coco_root, coco_helpers, make_data_cfg, tmp_path, case, message):
+    images, annotations = _custom_split(coco_root, coco_helpers, tmp_path)
+    keys = {"val_images": str(images), "val_annotations": str(annotations)}
+    if case == "only_images":
+        del keys["val_annotations"]
+    elif case == "no_file":
+        keys["val_annotations"] = str(tmp_path / "missing.json")
+    elif case == "no_folder":
+        keys["val_images"] = str(tmp_path / "nowhere")
+    elif case == "bad_json":
+        annotations.write_text('{"images": [')
+    else:
+        next(images.iterdir()).unlink()
+    with pytest.raises(ConfigError, match=message) as e:
+        build_dataset(make_data_cfg(tmp_path / "no_root", **keys), "val")
+    assert "\n" not in str(e.value)
+
+
+def test_splits_of_other_categories_are_refused(coco_root, coco_helpers, make_coco, make_data_cfg):
+    other = make_coco(categories=[{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 11, "name": "c"},
+                                  {"id": 12, "name": "d"}])
+    train = build_dataset(make_data_cfg(other), "train")
+    with pytest.raises(ConfigError, match=r"category ids \[3, 7, 11, 12\] but the val annotations .* have \[3, 7, 11\]"):
+        check_same_categories(train, build_dataset(make_data_cfg(coco_root), "val"))
 
 
 def test_collate_pads_to_batch_max_with_mask(coco_root, coco_helpers):

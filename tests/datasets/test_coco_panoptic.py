@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import CocoEvaluator, collate_fn
+from datasets import CocoEvaluator, build_dataset, collate_fn
 from datasets.coco_panoptic import CocoPanoptic, build_panoptic_dataset, id_to_rgb, masks_to_xyxy, rgb_to_id
 from datasets.synthetic import STUFF_NAMES, THING_SHAPES
+from engine.config import ConfigError
 
 SPLIT = "val2017"
 
@@ -264,3 +265,16 @@ def test_train_transforms_keep_every_border_segment(tiny_coco, make_data_cfg):
         for idx in range(len(train)):
             _, target = train[idx]
             assert target["masks"].any(0).all(), (epoch, idx)
+
+
+def test_a_custom_panoptic_split_finds_its_pngs_beside_its_file(pan_root, tmp_path, make_data_cfg):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    ann_path(pan_root).rename(labels / "mine.json")
+    keys = dict(panoptic=True, val_images=str(pan_root / SPLIT), val_annotations=str(labels / "mine.json"))
+    with pytest.raises(ConfigError, match=r"^data.val_annotations: the panoptic PNG folder .*labels/mine \(the"):
+        build_dataset(make_data_cfg(tmp_path / "no_root", **keys), "val")
+    (pan_root / "annotations" / f"panoptic_{SPLIT}").rename(labels / "mine")
+    val = build_dataset(make_data_cfg(tmp_path / "no_root", **keys), "val")
+    assert val.png_folder == str(labels / "mine") and val.cat_names[-1] == STUFF_NAMES[-1]
+    assert "panoptic" in val[0][1]  # the val split carries what PQ needs

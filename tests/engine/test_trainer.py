@@ -100,10 +100,27 @@ def test_two_process_torchrun_trains_logs_and_evaluates(tiny_coco, tmp_path):
     # 8 images, 2 processes x batch 2: 2 iterations, logged once each by rank 0 only
     assert [r["step"] for r in train] == [1, 2]
     assert any(r["kind"] == "val" and "bbox_AP" in r for r in records)
+    # rank 0 writes the results of both ranks' images, gathered (4 val images, DETR: 8 queries each)
+    results = json.loads((out / "eval_epoch1_bbox.json").read_text())
+    assert len(results) == 4 * 8 and len({r["image_id"] for r in results}) == 4
+    assert (out / "eval_epoch1_per_category.md").is_file()
     # the checkpoint evaluates alone
     cmd = [sys.executable, str(REPO / "main.py"), "--config", str(out / "config.yaml"), "--eval",
            "--resume", str(out / "checkpoint.pth")]
     run_checked(cmd, cwd=tmp_path, env=env)
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    assert (last["kind"], last["epoch"], last["step"]) == ("val", 1, 2)  # at the checkpoint's epoch and step
+
+
+def test_a_split_of_its_own_folder_and_file_trains_evaluates_and_names_its_classes(tiny_run):
+    # tiny_run: data.root names no folder, custom_coco's data.{train,val}_{images,annotations} give the splits
+    records = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # 8 images, batch 2
+    assert any(r["kind"] == "val" and "bbox_AP" in r for r in records)
+    classes = torch.load(tiny_run / "checkpoint.pth", weights_only=True)["classes"]
+    assert classes["names"][:2] == ["shape circle", "shape ellipse"]  # the annotation file's, renamed there
+    assert classes["category_ids"] == list(range(1, 9)) and all(classes["is_thing"])
+    assert not (tiny_run / "no_coco_here").exists()  # data.synthetic.generate: nothing to generate for
 
 
 def test_synthetic_folder_made_with_other_arguments_is_not_overwritten(tiny_coco, tmp_path):

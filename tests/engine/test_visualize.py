@@ -1,6 +1,7 @@
 import torch
 
-from engine.visualize import overlay, side_by_side, sparsity_panels, token_heatmap
+from engine.visualize import (draw_detections, draw_panoptic, overlay, side_by_side, sparsity_panels,
+                              token_heatmap)
 
 # two levels over an 8x8 padded batch: 4x4 tokens (stride 2) then 2x2 (stride 4)
 SHAPES = torch.tensor([[4, 4], [2, 2]])
@@ -117,3 +118,21 @@ def test_usage_panel_tints_each_patch_by_its_share_of_the_gated_blocks():
     assert panel[:, 5, 20].tolist() == [0, 0, 0]  # through none
     assert panel[:, 18, 5].tolist() == [round(c / 2) for c in MAP_COLORS[0]]
     assert panel[:, 18, 20].tolist() == [0, 0, 0]  # outside the image
+
+
+def test_detections_draw_their_masks_and_a_panoptic_map_its_segments():
+    image = torch.full((3, 20, 30), 100, dtype=torch.uint8)
+    masks = torch.zeros(2, 1, 20, 30)
+    masks[0, 0, 12:18, 2:8] = 0.9  # a kept detection's mask, away from the boxes
+    masks[1, 0, 12:18, 20:28] = 0.9  # below the threshold: not drawn
+    prediction = {"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0], [15.0, 1.0, 25.0, 9.0]]),
+                  "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([0, 1]), "masks": masks}
+    drawn = draw_detections(image, prediction, ["a", "b"], threshold=0.5)
+    without = draw_detections(image, {k: v for k, v in prediction.items() if k != "masks"}, ["a", "b"], threshold=0.5)
+    changed = (drawn != without).any(0)
+    assert changed[12:18, 2:8].all() and changed.sum() == 6 * 6  # the kept detection's mask only
+    id_map = torch.zeros(20, 30, dtype=torch.int64)
+    id_map[:, 15:] = 4
+    segments = draw_panoptic(image, id_map)
+    assert (segments[:, :, :15] == 100).all() and (segments[:, :, 15:] != 100).any()
+    assert torch.equal(draw_panoptic(image, torch.zeros_like(id_map)), image)

@@ -40,3 +40,5 @@ def test_the_recipe_carries_over_the_yamls_heads_data_and_schedule():
     assert (lr.scheduler.start_value, lr.scheduler.end_value) == (1.0, 0.05)
     with pytest.raises(ValueError, match="train.accumulate 2"):
         recipe(REPO / "configs" / "mask_rcnn_r18_synthetic.yaml", overrides=["train.accumulate=2"])
+    with pytest.raises(ValueError, match="data.val_images: detectron2's datasets"):
+        recipe(REPO / "configs" / "mask_rcnn_r18_synthetic.yaml", overrides=["data.val_images=x", "data.val_annotations=y"])
