@@ -99,6 +99,21 @@ def make_loader(dataset, batch_size: int, train: bool, num_workers: int, seed: i
                       pin_memory=dist.device.type == "cuda")
 
 
+def warn_untrained_frozen_backbone(model, model_cfg) -> None:
+    """A backbone that starts from random weights (no model.backbone.pretrained, no
+    model.weights) but keeps parts frozen (freeze_at, frozen batch norm, lr 0) would train
+    around random layers: say so, naming the keys (the COCO configs expect ImageNet weights)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or model_cfg.backbone.pretrained or model_cfg.weights:
+        return
+    frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    if frozen or model_cfg.backbone.lr <= 0 or model_cfg.backbone.norm == "frozen_bn":
+        log.warning("model.backbone.pretrained is empty: the backbone starts from random weights, yet %.1f M of its "
+                    "parameters are frozen (model.backbone.freeze_at %d), its norm is %s and its lr %g: give it "
+                    "weights, or train it whole (freeze_at=0, a trainable norm such as gn, lr > 0)",
+                    frozen / 1e6, model_cfg.backbone.freeze_at, model_cfg.backbone.norm, model_cfg.backbone.lr)
+
+
 class Trainer:
     def __init__(self, cfg, dist: DistInfo, eval_only: bool = False):
         self.cfg, self.dist = cfg, dist
@@ -118,6 +133,8 @@ class Trainer:
         if cfg.model.weights:
             ckpt.load_model_weights(self.model, ckpt.load_checkpoint(cfg.model.weights), cfg.model.weights,
                                     strict=False, categories=self.categories)
+        if not eval_only:
+            warn_untrained_frozen_backbone(self.model, cfg.model)
         checkpoint_activations(self.model, list(cfg.train.activation_checkpointing))
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.model.backbone.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)

@@ -236,3 +236,12 @@ def test_the_weight_average_follows_each_step_is_evaluated_and_resumes(tiny_coco
     again = dict(resumed.ema.module.named_parameters())
     assert all(torch.equal(again[k], averaged[k]) for k in averaged)
     resumed.close()
+
+
+def test_a_random_backbone_with_frozen_parts_is_warned_about(tiny_coco, tmp_path):
+    # the tiny recipe's ResNet-18 has a trainable norm (gn); frozen batch norm freezes its stem and res2
+    _trainer(tiny_coco, tmp_path / "a", **{"model.backbone.norm": "frozen_bn"}).close()
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "model.backbone.pretrained is empty" in log and "freeze_at -1" in log
+    _trainer(tiny_coco, tmp_path / "b").close()
+    assert "model.backbone.pretrained is empty" not in (tmp_path / "b" / "log.txt").read_text()
