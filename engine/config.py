@@ -33,6 +33,9 @@ class SViTConfig:
     ratio_weight: float = 4.0  # lambda of the keep-ratio loss
     per_image: bool = False  # keep shares per image (the paper's fixed-rate baseline), not over the batch
     stochastic_eval: bool = False  # sample the gates in evaluation, as the authors' released code does
+    # evaluation keeps each gated block's target share of each image's tokens, the best by the
+    # gate (a fixed budget), instead of the tokens whose keep probability passes 0.5
+    eval_at_targets: bool = False
 
 
 @dataclass

@@ -43,7 +43,8 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
                                   freeze_at=cfg.freeze_at, **dge)
         if cfg.name.endswith("_svit"):
             s = cfg.svit
-            svit = {"ratio_weight": s.ratio_weight, "per_image": s.per_image, "stochastic_eval": s.stochastic_eval}
+            svit = {"ratio_weight": s.ratio_weight, "per_image": s.per_image, "stochastic_eval": s.stochastic_eval,
+                    "eval_at_targets": s.eval_at_targets}
             if cfg.name.endswith("_adapter_svit"):
                 return SViTAdapterBackbone(cfg.name, out_features, cfg.pretrained, cfg.drop_path_rate, cfg.freeze_at,
                                            **svit)

@@ -23,15 +23,19 @@ class SViTGates:
     """What the SViT backbones share: a gate on each gated block, the gated block loop, the
     ratio loss. ratio_weight: lambda (4); per_image: the share per image (the paper's
     fixed-rate baseline) instead of over the batch; stochastic_eval: sample the gates in
-    evaluation as the authors' released code does (by mistake), for comparison. `forced`:
-    every gated block keeps its target share of each image's tokens (the best by its gate),
-    for benchmarks on random weights."""
+    evaluation as the authors' released code does (by mistake), for comparison;
+    eval_at_targets: in evaluation every gated block keeps its target share of each image's
+    tokens, the best by its gate (a fixed budget, for gates whose keep probabilities sit near
+    their targets for every token, which the deterministic threshold turns into all or none).
+    `forced`: the same in training and evaluation, for benchmarks on random weights."""
 
-    def setup_svit(self, dim: int, ratio_weight: float, per_image: bool, stochastic_eval: bool) -> None:
+    def setup_svit(self, dim: int, ratio_weight: float = 4.0, per_image: bool = False, stochastic_eval: bool = False,
+                   eval_at_targets: bool = False) -> None:
         self.gated, self.targets = keep_targets(len(self.layers))
         for i in self.gated:
             self.layers[i].gate = SelectGate(dim)
         self.ratio_weight, self.per_image, self.stochastic_eval = ratio_weight, per_image, stochastic_eval
+        self.eval_at_targets = eval_at_targets
         self.forced = False
         self.keeps: list[Tensor] = []  # the last pass's decisions (B, N) per gated block
         self.token_valid: Tensor | None = None
@@ -45,7 +49,8 @@ class SViTGates:
         for i, block in enumerate(layers[start:stop], start):
             if hasattr(block, "gate"):
                 log_probs = block.gate(tokens)
-                decision = forced_keep(log_probs, keep, self.targets[self.gated.index(i)]) if self.forced else \
+                at_targets = self.forced or (self.eval_at_targets and not self.training)
+                decision = forced_keep(log_probs, keep, self.targets[self.gated.index(i)]) if at_targets else \
                     keep_decisions(log_probs, keep, self.training, self.stochastic_eval)
                 self.keeps.append(decision)
                 tokens = svit_update(block, tokens, decision, key_mask)
@@ -89,10 +94,10 @@ class SViTBackbone(SViTGates, ViTBackbone):
     """DeiT with SViT gates and the simple pyramid (settings: SViTGates)."""
 
     def __init__(self, name: str = "deit_s_svit", out_features=("res2", "res3", "res4", "res5"), pretrained: str = "",
-                 drop_path_rate: float = 0.1, out_channels: int = 256, freeze_at: int = -1, *,
-                 ratio_weight: float = 4.0, per_image: bool = False, stochastic_eval: bool = False):
+                 drop_path_rate: float = 0.1, out_channels: int = 256, freeze_at: int = -1,
+                 **gates):
         super().__init__(name.removesuffix("_svit"), out_features, "", drop_path_rate, out_channels, freeze_at)
-        self.setup_svit(self.conv_proj.out_channels, ratio_weight, per_image, stochastic_eval)
+        self.setup_svit(self.conv_proj.out_channels, **gates)
         if pretrained:
             self.load_pretrained(pretrained)
 
@@ -102,10 +107,10 @@ class SViTAdapterBackbone(SViTGates, ViTAdapterBackbone):
     SViTGates)."""
 
     def __init__(self, name: str = "deit_s_adapter_svit", out_features=("res2", "res3", "res4", "res5"),
-                 pretrained: str = "", drop_path_rate: float = 0.1, freeze_at: int = -1, *,
-                 ratio_weight: float = 4.0, per_image: bool = False, stochastic_eval: bool = False):
+                 pretrained: str = "", drop_path_rate: float = 0.1, freeze_at: int = -1,
+                 **gates):
         super().__init__(name.removesuffix("_svit"), out_features, "", drop_path_rate, freeze_at)
-        self.setup_svit(self.conv_proj.out_channels, ratio_weight, per_image, stochastic_eval)
+        self.setup_svit(self.conv_proj.out_channels, **gates)
         if pretrained:
             self.load_pretrained(pretrained)
 

@@ -109,11 +109,34 @@ def test_builder_makes_each_variant_with_its_settings():
              "deit_t_adapter": ViTAdapterBackbone}
     for name, cls in names.items():
         cfg = OmegaConf.merge(OmegaConf.structured(BackboneConfig),
-                              {"name": name, "svit": {"ratio_weight": 2.0, "stochastic_eval": True}})
+                              {"name": name, "svit": {"ratio_weight": 2.0, "stochastic_eval": True,
+                                                      "eval_at_targets": True}})
         backbone = build_backbone(cfg, ("res3", "res4"))
         assert type(backbone) is cls and list(backbone.output_shape()) == ["res3", "res4"]
         if cls is not ViTAdapterBackbone:
             assert backbone.ratio_weight == 2.0 and backbone.stochastic_eval and backbone.gated == list(range(3, 12))
+            assert backbone.eval_at_targets
+
+
+def test_evaluation_at_the_targets_keeps_each_blocks_share_of_gates_that_sit_near_it():
+    _, sparse = _pair("pyramid")
+    for i, target in zip(sparse.gated, sparse.targets):  # every token's keep probability ~ its target, as trained
+        last = sparse.layers[i].gate.net[-1]
+        torch.nn.init.normal_(last.weight, std=1e-3)
+        last.bias.data = torch.tensor([0.5 * torch.logit(torch.tensor(target)), -0.5 * torch.logit(torch.tensor(target))])
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        sparse(x)
+        threshold = sparse.keep_shares()[1]
+        sparse.eval_at_targets = True
+        sparse(x)
+        at_targets = sparse.keep_shares()[1]
+    assert threshold.tolist() == [1.0] * 3 + [0.0] * 6  # 0.7 passes 0.5 everywhere, 0.49 and 0.343 nowhere
+    tokens = 10 * 14
+    assert at_targets.tolist() == pytest.approx([(int(tokens * t) + 1) / tokens for t in sparse.targets])
+    sparse.train()
+    sparse(x)  # training samples its gates whatever the setting
+    assert 0 < sparse.keep_shares()[1].mean() < 1
 
 
 def test_a_pretrained_adapter_loads_with_its_vit_and_a_plain_deit_leaves_the_adapter_fresh(tmp_path):
