@@ -1,9 +1,9 @@
 """DETR: CNN backbone -> 1x1 projection -> transformer -> class and box heads, trained with
-a set loss. Follows the detector contract of DESIGN.md: losses in training, one dict of
-detections per image in eval. With `enable_panoptic` it also segments (DETR section 4.4):
-a mask per query from the encoder memory and the finer backbone maps, mask losses on the
-matched queries, and a panoptic map per image in eval; the detector can be frozen so that
-only the mask branch trains, as DETR trains it."""
+a set loss. Follows the detector contract of docs/architecture.md ("The detector contract"):
+losses in training, one dict of detections per image in eval. With `enable_panoptic` it also
+segments (DETR section 4.4): a mask per query from the encoder memory and the finer backbone
+maps, mask losses on the matched queries, and a panoptic map per image in eval; the detector
+can be frozen so that only the mask branch trains, as DETR trains it."""
 from __future__ import annotations
 
 import torch

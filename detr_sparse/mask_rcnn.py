@@ -1,6 +1,7 @@
 """Mask R-CNN (He et al. 2017) on torchvision's region proposal network and RoI heads,
-under the detector contract of DESIGN.md: losses in training, one dict of detections per
-image in eval, with the same ImageBatch input as the DETR family.
+under the detector contract of docs/architecture.md ("The detector contract"): losses in
+training, one dict of detections per image in eval, with the same ImageBatch input as the
+DETR family.
 
 torchvision's GeneralizedRCNNTransform is left out: our images come normalised, resized and
 padded by the dataset transforms. The model only pads the batch further to a multiple of

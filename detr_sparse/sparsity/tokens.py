@@ -1,8 +1,8 @@
-"""The mechanics every token-sparsity method shares (DESIGN.md): choose a number of tokens
-per image, keep the best-scored ones (never padding), gather them out of the dense token
-map, put the computed ones back, and report how many were kept, and where (inside the
-ground-truth boxes or not). Kept tokens can also be packed end to end into containers of one
-length, with the mask that keeps each token to its own group (`pack_layout`).
+"""The mechanics every token-sparsity method shares (docs/architecture.md, "The token core"):
+choose a number of tokens per image, keep the best-scored ones (never padding), gather them
+out of the dense token map, put the computed ones back, and report how many were kept, and
+where (inside the ground-truth boxes or not). Kept tokens can also be packed end to end into
+containers of one length, with the mask that keeps each token to its own group (`pack_layout`).
 
 A kept set is batched as (B, K) with K the largest count of the batch; `KeptTokens.mask`
 marks the slots that hold a kept token. The other slots point at real tokens too (the next
