@@ -177,7 +177,7 @@ def test_an_authors_file_where_a_training_checkpoint_is_expected_is_explained(tm
     assert message == ("checkpoint detr.pth: the authors' facebookresearch/detr (ResNet) checkpoint, not a detr_sparse "
                        "training checkpoint to resume: evaluate it with --eval --resume detr.pth, start from its "
                        "weights with model.weights=detr.pth, or tools/convert_checkpoint.py it")
-    trainer = SimpleNamespace(model=model, categories=None)
+    trainer = SimpleNamespace(model=model, categories=None, ema=None)
     with pytest.raises(CheckpointError, match="model weights only .* --eval, or .* model.weights=w.pth"):
         Trainer.resume(trainer, "w.pth", {"model": model.state_dict()})
 
