@@ -4,7 +4,6 @@ the COCO category lists, the rows of an authors' head that make ours, and a data
 categories read from its COCO annotation file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,14 +36,15 @@ def coco_categories(panoptic: bool) -> tuple[list[int], list[bool]]:
 
 def read_categories(path: str | Path) -> tuple[list[int], list[bool]]:
     """The category ids of a COCO instances or panoptic annotation file in id order (the
-    project's label order) and whether each is a thing ("isthing", 1 when absent)."""
-    path = Path(path)
+    project's label order) and whether each is a thing ("isthing", 1 when absent), as the
+    datasets read them (`datasets.coco.read_categories`); ConversionError naming the file."""
+    from datasets.coco import read_categories as dataset_categories
+
     try:
-        cats = json.loads(path.read_text())["categories"]
-        cats = sorted(cats, key=lambda c: c["id"])
-        return [int(c["id"]) for c in cats], [bool(c.get("isthing", 1)) for c in cats]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        cats = dataset_categories(str(path))
+    except (OSError, ValueError) as e:
         raise ConversionError(f"{path}: no COCO 'categories' list ({type(e).__name__}: {e})") from e
+    return [c["id"] for c in cats], [bool(c["isthing"]) for c in cats]
 
 
 def head_rows(kind: str, rows: int, categories: list[int], key: str = "class head") -> Tensor:
