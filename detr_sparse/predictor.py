@@ -99,19 +99,11 @@ def load_image(image) -> tv_tensors.Image:
                     f"{tuple(image.shape) if torch.is_tensor(image) else ''}")
 
 
-def model_weights(state: dict) -> dict:
-    """The weights evaluation uses: the average of an EMA run (AveragedModel's "module." keys),
-    else the model's."""
-    if "ema" in state:
-        return {"model": {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}}
-    return state
-
-
 class Predictor:
     def __init__(self, config, checkpoint: str = "", *, annotations: str = "", score_threshold: float = 0.5,
                  batch_size: int = 0, precision: str = "", device: str = "", opts=()):
         from datasets.transforms import build_transforms
-        from engine.checkpoint import build_eval_model, load_checkpoint, load_model_weights
+        from engine.checkpoint import build_eval_model, evaluation_weights, load_checkpoint, load_model_weights
         from engine.config import load_config
         from engine.distributed import resolve_device
 
@@ -125,7 +117,7 @@ class Predictor:
         self.classes = find_classes(self.cfg, state, annotations, checkpoint)
         self.model = build_eval_model(self.cfg.model, len(self.classes.names), "", self.device, self.classes.is_thing)
         if state is not None:
-            load_model_weights(self.model, model_weights(state), checkpoint, categories=self.classes.category_ids)
+            load_model_weights(self.model, evaluation_weights(state), checkpoint, categories=self.classes.category_ids)
         self.transform = build_transforms(False, self.cfg.data)
 
     def autocast(self):

@@ -209,10 +209,18 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict] | None:
 COCO_PANOPTIC_THINGS, COCO_PANOPTIC_STUFF = 80, 53  # COCO panoptic labels: the things first
 
 
+def evaluation_weights(state: dict) -> dict:
+    """The checkpoint as evaluation reads it: a run that kept a weight average (train.ema,
+    AveragedModel's "module." keys) gives the average as its "model", as its evaluations did."""
+    if "ema" not in state:
+        return state
+    return {**state, "model": {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}}
+
+
 def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
                      is_thing: list[bool] | None = None) -> torch.nn.Module:
-    """The configured detector on `device` in eval mode, with the weights of `checkpoint`
-    ("" keeps the random initial weights): what the tools measure and draw. is_thing: the
+    """The configured detector on `device` in eval mode, with the weights of `checkpoint` (its
+    `evaluation_weights`; "" keeps the random initial weights): what the tools measure and draw. is_thing: the
     dataset's thing / stuff split for a panoptic model; without it (benchmarks without
     data) COCO panoptic's 80 things + 53 stuff classes stand in, a DETR checkpoint bringing
     its own split (a model buffer)."""
@@ -225,5 +233,5 @@ def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
     torch.manual_seed(0)  # random weights (benchmarks, a tool without --checkpoint): the same every run
     model = build_model(model_cfg, num_classes, is_thing).to(device).eval()
     if checkpoint:
-        load_model_weights(model, load_checkpoint(checkpoint), checkpoint)
+        load_model_weights(model, evaluation_weights(load_checkpoint(checkpoint)), checkpoint)
     return model

@@ -107,6 +107,11 @@ def test_the_averaged_weights_of_an_ema_run_are_used(tiny_coco, tmp_path):
     loaded = Predictor(cfg, tmp_path / "ema.pth").model.state_dict()
     name = "class_embed.weight"
     assert torch.equal(loaded[name], raw[name] + 1)
+    # the tools' models (benchmark, tradeoff, visualize_sparsity) read the same weights
+    from engine.checkpoint import build_eval_model
+
+    tool_model = build_eval_model(cfg.model, len(Predictor(cfg).classes.names), str(tmp_path / "ema.pth"), "cpu")
+    assert torch.equal(tool_model.state_dict()[name], raw[name] + 1)
 
 
 def test_an_authors_checkpoint_takes_the_rows_of_the_datasets_categories(tiny_coco, tmp_path):
