@@ -241,8 +241,8 @@ class Trainer:
                     h, w = tgt["size"].tolist()
                     shown.append(draw_detections(denormalize(img[:, :h, :w].cpu()), pred,
                                                  self.class_names, self.cfg.eval.vis_score_threshold, tgt))
-            if sparse and len(sparsity) < count:  # a second pass, for the first few images only
-                sparsity.extend(sparsity_pictures(model, images, count - len(sparsity)))
+            if sparse and len(sparsity) < count:  # the first few images (token maps: a second pass)
+                sparsity.extend(sparsity_pictures(model, images, count - len(sparsity), ran=True))
 
         stats = evaluate(model, self.val_loader, evaluators, self.dist.device,
                          self.cfg.eval.precision, self.dist.is_main, show if self.dist.is_main else None)

@@ -156,10 +156,13 @@ def has_sparsity_pictures(model) -> bool:
 
 
 @torch.no_grad()
-def backbone_pictures(model, images, limit: int) -> list[torch.Tensor]:
-    """A fresh evaluation pass of a detector on a token-sparse backbone over an ImageBatch ->
-    for its first `limit` images, the backbone's panels side by side (uint8 (3, h, n * w + gaps))."""
-    model(images)
+def backbone_pictures(model, images, limit: int, ran: bool = False) -> list[torch.Tensor]:
+    """A detector on a token-sparse backbone and an ImageBatch -> for its first `limit`
+    images, the backbone's panels side by side (uint8 (3, h, n * w + gaps)), from the record
+    the backbone keeps of its last pass: a fresh evaluation pass, or (`ran`) the one the
+    caller just made on these images."""
+    if not ran:
+        model(images)
     pictures = []
     for i, (h, w) in enumerate(images.sizes.tolist()[:limit]):
         image = denormalize(images.tensors[i, :, :h, :w].float().cpu())
@@ -182,11 +185,13 @@ def sparsity_maps(model, images) -> dict | None:
     return {**layout, "maps": {k: v.float().cpu() for k, v in maps["maps"].items()}, "out": out}
 
 
-def sparsity_pictures(model, images, limit: int) -> list[torch.Tensor]:
+def sparsity_pictures(model, images, limit: int, ran: bool = False) -> list[torch.Tensor]:
     """`sparsity_panels` (or a token-sparse backbone's `backbone_pictures`) of the first
-    `limit` images of an ImageBatch (a fresh no-grad pass of `model`); [] for a dense model."""
+    `limit` images of an ImageBatch (a fresh no-grad pass of `model`; `ran`: the model has
+    just run on these images, which spares a backbone's pictures a second pass; token maps
+    need the raw outputs, so their pass is made anyway); [] for a dense model."""
     if limit > 0 and has_backbone_pictures(model):
-        return backbone_pictures(model, images, limit)
+        return backbone_pictures(model, images, limit, ran)
     maps = sparsity_maps(model, images) if limit > 0 else None
     if maps is None:
         return []

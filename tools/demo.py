@@ -122,7 +122,8 @@ def run(predictor: Predictor, items, out: Path) -> list[dict]:
         pictures = [None] * len(chunk)
         if sparse:
             with predictor.autocast():
-                pictures = sparsity_pictures(predictor.model, batch.to(predictor.device), len(chunk)) or pictures
+                pictures = sparsity_pictures(predictor.model, batch.to(predictor.device), len(chunk),
+                                             ran=True) or pictures
         for (name, _, entry), image, result, sparsity in zip(chunk, images, results, pictures):
             files = write_outputs(out, name, as_uint8(image), result, sparsity, predictor)
             records.append({**record(result, entry), **files})

@@ -136,3 +136,26 @@ def test_detections_draw_their_masks_and_a_panoptic_map_its_segments():
     segments = draw_panoptic(image, id_map)
     assert (segments[:, :, :15] == 100).all() and (segments[:, :, 15:] != 100).any()
     assert torch.equal(draw_panoptic(image, torch.zeros_like(id_map)), image)
+
+
+def test_a_backbones_pictures_reuse_the_pass_just_made_on_the_same_images():
+    from detr_sparse import build_model
+    from detr_sparse.image_batch import ImageBatch
+    from engine.config import load_config
+    import helpers
+    from engine.visualize import sparsity_pictures
+
+    cfg = load_config(helpers.REPO / "configs/mask_rcnn_deit_s.yaml", [
+        "model.backbone.name=deit_t_svit", "model.rcnn.box_head_dim=64", "model.rcnn.mask_head_dim=16",
+        "model.rcnn.rpn_post_nms_top_n_test=50"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).eval()
+    images = ImageBatch.from_images([torch.randn(3, 64, 96), torch.randn(3, 80, 64)])
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(images)
+        reused = sparsity_pictures(model, images, 2, ran=True)
+        assert len(calls) == 1  # no second pass
+        fresh = sparsity_pictures(model, images, 2)
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(reused, fresh))
