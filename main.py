@@ -70,7 +70,8 @@ def print_config(cfg) -> dict[str, int]:
     from engine.checkpoint import build_eval_model
 
     print(OmegaConf.to_yaml(cfg), end="")
-    model = build_eval_model(cfg.model, cfg.model.num_classes or 91, "", "cpu")
+    shapes_only = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": ""}})  # counting needs no weights file
+    model = build_eval_model(shapes_only, cfg.model.num_classes or 91, "", "cpu")
     counts = parameter_counts(model)
     classes = f"{cfg.model.num_classes} classes" if cfg.model.num_classes else "91 classes (the data's count at training)"
     print(f"# {cfg.model.name}, {classes}: parameters (M) " +

@@ -43,13 +43,12 @@ METHODS = {"dge": ("pvt_s", "pvt_s_dge"), "svit": ("deit_s", "deit_s_svit"),
 _MAPS = ("res2", "res3", "res4", "res5")
 
 
-def force(backbone, full: bool, x: torch.Tensor) -> None:
-    """Every token computed (full) or the method's operating point."""
+def force(backbone, full: bool, x: torch.Tensor, svit_targets: list[float]) -> None:
+    """Every token computed (full) or the method's operating point (SViT: `svit_targets`,
+    the backbone's own keep targets)."""
     if hasattr(backbone, "keep_shares"):  # SViT
-        if not hasattr(backbone, "target_shares"):
-            backbone.target_shares = list(backbone.targets)
         backbone.forced = True
-        backbone.targets = [1.0] * len(backbone.targets) if full else list(backbone.target_shares)
+        backbone.targets = [1.0] * len(svit_targets) if full else list(svit_targets)
     elif hasattr(backbone, "force_budget"):  # DGE
         if full:
             backbone.forced = (1.0, 0.0, 0.0)
@@ -78,9 +77,10 @@ def token_cost(method: str, size: tuple[int, int], runs: int, precision: str) ->
     row = {"method": method, "dense": dense_name, "sparse": sparse_name, "size": list(size), "precision": precision}
     with autocast(x.device, precision, "--precision"):
         row["dense_s"] = measure_latency(dense, x, runs)
+        targets = list(getattr(sparse, "targets", []))
         for point, full in (("full", True), ("op", False)):
             with torch.no_grad():
-                force(sparse, full, x)
+                force(sparse, full, x, targets)
                 sparse(x)
             row[f"tokens_{point}"] = computed_tokens(sparse)
             row[f"{point}_s"] = measure_latency(sparse, x, runs)

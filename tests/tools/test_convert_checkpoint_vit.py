@@ -246,7 +246,7 @@ def test_unknown_keys_wrong_shapes_and_misfits_are_named():
         "model.rcnn.anchor_scale=4"))
     assert "mmdet's anchors are 8 x the stride" in message
     assert "builds a DETR, the checkpoint is a MaskRCNN" in one_line_error(convert_state_dict, official,
-                                                                           coco_model("detr_r18_synthetic.yaml"))
+                                                                           coco_model("detr_r18_synthetic.yaml", "model.backbone.pretrained=''"))
     # vtpack: unknown key, a shape, split sizes, another backbone, a backbone where a detector is evaluated
     vt = random_state(vtpack_shapes(192))
     dge = coco_model("mask_rcnn_deit_t_dge.yaml")
