@@ -59,13 +59,17 @@ def measure_config(path: Path, runs: int, precision: list[str], size=None, opts=
     cfg = load_config(path, list(opts))
     size = size or ((800, 1280) if cfg.model.name in TWO_STAGE else (800, 1066))
     params = parameter_counts(build_eval_model(cfg.model, 91, "", "cpu"))["total"]
-    return [{**row, "name": path.stem, "family": family(cfg), "params_m": params / 1e6}
+    rows = [{**row, "name": path.stem, "family": family(cfg), "params_m": params / 1e6}
             for row in measure(str(path), bench_args(size, runs, precision, opts))]
+    print(f"{path.stem}: {rows[0]['gflops']:.1f} GFLOPs, latency s " +
+          ", ".join(f"{r['precision']} {r['latency_s']:.3f}" for r in rows), flush=True)  # progress of a long run
+    return rows
 
 
 def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
     """Each run under runs_dir with a checkpoint and a val AP50: its last AP50, and its latency
-    on a random image at its val size with its trained weights (its own gates)."""
+    at its val size on its first val image with its trained weights (its own gates), median of
+    10x `runs`."""
     found = []
     for cfg_path in sorted(runs_dir.glob("*/config.yaml")):
         log = cfg_path.parent / "log.jsonl"
@@ -78,7 +82,10 @@ def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
             continue
         cfg = load_config(cfg_path)
         size = (cfg.data.val_size, cfg.data.val_size)
-        args = bench_args(size, runs, [precision])
+        # a 0.1 s model varies by 10% from run to run: 10x the runs, on the run's first val image
+        # (a sparse backbone's gates decide on real content, not on random pixels)
+        args = bench_args(size, 10 * runs, [precision])
+        args.image = str(first_val_image(cfg.data))
         args.svit_targets, args.dge_budget, args.spt_select = False, 0.0, 0.0  # the trained gates decide
         args.num_classes = cfg.model.num_classes or 8
         try:
@@ -89,6 +96,13 @@ def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
         found.append({"run": cfg_path.parent.name, "family": family(cfg), "AP50": evals[-1]["bbox_AP50"],
                       "latency_s": row["latency_s"], "size": list(size)})
     return found
+
+
+def first_val_image(data) -> Path | str:
+    """The first image (by name) of a config's val split, or "" (random pixels) without one."""
+    folder = Path(data.val_images or Path(data.root) / data.val_split)
+    images = sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png")) if folder.is_dir() else []
+    return images[0] if images else ""
 
 
 def markdown(rows: list[dict]) -> str:
@@ -134,22 +148,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("docs/compare"))
     p.add_argument("--runs-dir", type=Path, default=None, help="synthetic-trained runs to plot (e.g. out)")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every config")
+    p.add_argument("--runs-only", action="store_true", help="only the --runs-dir runs (minutes, not the "
+                   "COCO configs' 45); OUT's table of the models is kept")
     args = p.parse_args(argv)
     reuse_freed_memory()
     torch.manual_seed(0)
-    rows = [row for path in (args.configs or coco_configs())
-            for row in measure_config(path, args.runs, args.precision, args.size, args.opts)]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.md").write_text(markdown(rows))
+    saved = args.out / "compare.json"
+    if args.runs_only:  # the models' table of an earlier run is kept
+        rows = json.loads(saved.read_text())["models"] if saved.is_file() else []
+    else:
+        rows = [row for path in (args.configs or coco_configs())
+                for row in measure_config(path, args.runs, args.precision, args.size, args.opts)]
+        (args.out / "compare.md").write_text(markdown(rows))
+        first = [r for r in rows if r["precision"] == args.precision[0]]
+        plot(first, "gflops", "latency_s", args.out / "compare.png", "GFLOPs",
+             f"latency s ({args.precision[0]}, batch 1)", "name")
     trained = synthetic_runs(args.runs_dir, args.runs, args.precision[0]) if args.runs_dir else []
-    (args.out / "compare.json").write_text(json.dumps({"models": rows, "synthetic_runs": trained}, indent=1))
-    first = [r for r in rows if r["precision"] == args.precision[0]]
-    plot(first, "gflops", "latency_s", args.out / "compare.png", "GFLOPs",
-         f"latency s ({args.precision[0]}, batch 1)", "name")
+    saved.write_text(json.dumps({"models": rows, "synthetic_runs": trained}, indent=1))
     if trained:
         plot(trained, "latency_s", "AP50", args.out / "compare_synthetic.png",
              f"latency s ({args.precision[0]}, val size)", "val box AP50 (synthetic)", "run")
-    print(markdown(rows), end="")
+    print("" if args.runs_only else markdown(rows), end="")
     return {"models": rows, "synthetic_runs": trained}
 
 

@@ -106,3 +106,18 @@ def test_no_readable_checkpoint_is_an_error_and_none_is_none(tmp_path):
     (tmp_path / ckpt.checkpoint_name(3)).write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match="none of the checkpoints"):
         ckpt.load_latest(tmp_path)
+
+
+def test_a_tool_builds_the_trained_runs_classes_from_its_checkpoint(tmp_path):
+    from helpers import REPO
+
+    from engine.config import load_config
+
+    cfg = load_config(REPO / "configs/panoptic_fpn_r18_synthetic.yaml",
+                      ["model.backbone.pretrained=''", "model.rcnn.fpn_channels=32"]).model
+    trained = ckpt.build_eval_model(cfg, 5, "", "cpu", is_thing=[True, True, True, False, False])
+    classes = {"names": list("abcde"), "category_ids": [1, 2, 3, 4, 5], "is_thing": [True] * 3 + [False] * 2}
+    ckpt.save_checkpoint({"model": trained.state_dict(), "classes": classes}, tmp_path / "run.pth")
+    # without data a panoptic model would be COCO's 80 + 53 classes; the checkpoint says 3 + 2
+    tool = ckpt.build_eval_model(cfg, 91, str(tmp_path / "run.pth"), "cpu")
+    assert all(torch.equal(v, tool.state_dict()[k]) for k, v in trained.state_dict().items())

@@ -46,3 +46,12 @@ def test_a_trained_run_is_found_with_its_ap50_and_latency(tiny_coco, tmp_path):
     found = compare.synthetic_runs(tmp_path / "runs", 1, "fp32")
     assert [(r["run"], r["family"], r["size"]) for r in found] == [("tiny_detr", "DETR", [80, 80])]
     assert 0 <= found[0]["AP50"] <= 1 and found[0]["latency_s"] > 0
+    image = compare.first_val_image(load_config(run / "config.yaml").data)  # timed on its own first val image
+    assert image.is_file() and image.parent.name == "val2017"
+    assert compare.first_val_image(load_config(None, ["data.root=" + str(tmp_path / "none")]).data) == ""
+    out = tmp_path / "compare"  # --runs-only: the runs again, the models' table of an earlier run kept
+    out.mkdir()
+    (out / "compare.json").write_text(json.dumps({"models": [{"name": "earlier"}], "synthetic_runs": []}))
+    result = compare.main(["--runs-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--runs", "1"])
+    assert result["models"] == [{"name": "earlier"}] and len(result["synthetic_runs"]) == 1
+    assert json.loads((out / "compare.json").read_text()) == result and (out / "compare_synthetic.png").is_file()
