@@ -85,17 +85,26 @@ def _module_flops(counts: dict, name: str) -> int:
 
 def time_call(fn, runs: int = 3, warmup: int = 1) -> float:
     """Median wall-clock seconds of fn() after `warmup` untimed calls."""
+    return time_calls([fn], runs, warmup)[0]
+
+
+def time_calls(fns, runs: int = 3, warmup: int = 1) -> list[float]:
+    """Median wall-clock seconds of each of fns, timed in turns (one call of each per round,
+    after `warmup` untimed rounds), so a machine slowing down or speeding up during the
+    measurement moves them all alike: for ratios between things timed in one process."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, mine in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            mine.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """The components `tools/benchmark.py --component NAME` times on their own (see its --help):
-msda (the deformable sampling kernel against the grid_sample reference), dge_train (a DGE
+attention (the backbones' attention shapes, torch's fused kernel vs the written-out form), msda (the deformable sampling kernel against the grid_sample reference), dge_train (a DGE
 backbone's training step, dense vs sparse form), gather (the token core's row gather vs
 torch.gather), spa (SPA's packed attention per selected token vs window attention per token)
 and swin_timm (our Swin-T backbone vs timm's, installed apart). Each takes the parsed
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from detr_sparse.backbones import build_backbone
-from engine.benchmark import peak_memory, time_call
+from engine.benchmark import peak_memory, time_call, time_calls
 from engine.config import BackboneConfig
 from engine.distributed import resolve_device
 from engine.train import autocast
@@ -193,15 +193,44 @@ def swin_timm_component(args) -> list[dict]:
     rows = []
     print("precision | ours s | timm s | ours / timm")
     for precision in args.precision or ["fp32"]:
-        with torch.no_grad(), autocast(x.device, precision, "--precision"):
-            row = {"component": "swin_timm", "size": list(args.size), "batch": args.batch, "precision": precision,
-                   "ours_s": time_call(lambda: ours(x), args.runs, args.warmup),
-                   "timm_s": time_call(lambda: theirs(x), args.runs, args.warmup)}
+        with torch.no_grad(), autocast(x.device, precision, "--precision"):  # in turns: drift cancels
+            ours_s, timm_s = time_calls([lambda: ours(x), lambda: theirs(x)], args.runs, args.warmup)
+        row = {"component": "swin_timm", "size": list(args.size), "batch": args.batch, "precision": precision,
+               "ours_s": ours_s, "timm_s": timm_s}
         row["ratio"] = row["ours_s"] / row["timm_s"]
         rows.append(row)
         print(f"{precision} | {row['ours_s']:.3f} | {row['timm_s']:.3f} | {row['ratio']:.2f}")
     return rows
 
 
-COMPONENTS = {"msda": msda_component, "dge_train": dge_component, "gather": gather_component,
+def attention_component(args) -> list[dict]:
+    """The backbones' attention shapes at 800x1280, each form (torch's fused kernel, the
+    written-out matrix products and softmax) in each --precision: median seconds, and the form
+    `detr_sparse.transformers.attention` picks."""
+    from torch.nn import functional as F
+
+    from detr_sparse.transformers.attention import WRITTEN_OUT_MAX_KEYS, written_out
+
+    g = torch.Generator().manual_seed(0)
+    # name, (batch, heads, queries, keys, channels per head)
+    shapes = [("Swin-T stage 1 windows", (1360, 3, 49, 49, 32)), ("Swin-T stage 3 windows", (88, 12, 49, 49, 32)),
+              ("PVT-S stage 1 (keys 8x reduced)", (1, 1, 16000, 250, 64)),
+              ("DeiT-S global", (1, 6, 4000, 4000, 64))]
+    rows = []
+    print("shape | precision | fused s | written-out s | written / fused | picked")
+    for name, (b, h, n, m, c) in shapes:
+        q, k, v = (torch.randn(b, h, length, c, generator=g) for length in (n, m, m))
+        for precision in args.precision or ["fp32"]:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            tq, tk, tv = q.to(dtype), k.to(dtype), v.to(dtype)
+            fused, written = time_calls([lambda: F.scaled_dot_product_attention(tq, tk, tv),
+                                         lambda: written_out(tq, tk, tv)], args.runs, args.warmup)
+            picked = "written-out" if dtype != torch.float32 and m <= WRITTEN_OUT_MAX_KEYS else "fused"
+            rows.append({"component": "attention", "shape": name, "precision": precision, "fused_s": fused,
+                         "written_out_s": written, "picked": picked})
+            print(f"{name} | {precision} | {fused:.4f} | {written:.4f} | {written / fused:.2f} | {picked}")
+    return rows
+
+
+COMPONENTS = {"attention": attention_component, "msda": msda_component, "dge_train": dge_component, "gather": gather_component,
               "spa": spa_component, "swin_timm": swin_timm_component}

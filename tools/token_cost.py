@@ -4,7 +4,7 @@ path, per method (random weights, one random image, evaluation, no gradient):
     python tools/token_cost.py [--methods dge svit svit_adapter spt] [--size 800 1280] [--runs 5] \
         [--precision fp32 bf16]
 
-Three latencies of the backbone: the dense backbone (T_dense); the sparse one computing every
+Three latencies of the backbone, timed in turns (median of --runs rounds): the dense backbone (T_dense); the sparse one computing every
 token (T_full: every SViT gate keeps all, every DGE region finest, every SPT token selected);
 and at the method's operating point (T_op: SViT's keep targets, DGE beta 0.5, SPT 25% of the
 tokens selected in every SPA block). N counts the tokens the sparse blocks compute, summed
@@ -22,6 +22,7 @@ nothing)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr_sparse.backbones import build_backbone  # noqa: E402
 from detr_sparse.sparsity.dge import SPLITS  # noqa: E402
-from engine.benchmark import measure_latency  # noqa: E402
+from engine.benchmark import time_calls  # noqa: E402
 from engine.config import BackboneConfig  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import autocast  # noqa: E402
@@ -75,15 +76,16 @@ def token_cost(method: str, size: tuple[int, int], runs: int, precision: str) ->
     dense = build_backbone(BackboneConfig(name=dense_name), _MAPS).eval()
     sparse = build_backbone(BackboneConfig(name=sparse_name), _MAPS).eval()
     row = {"method": method, "dense": dense_name, "sparse": sparse_name, "size": list(size), "precision": precision}
-    with autocast(x.device, precision, "--precision"):
-        row["dense_s"] = measure_latency(dense, x, runs)
-        targets = list(getattr(sparse, "targets", []))
-        for point, full in (("full", True), ("op", False)):
-            with torch.no_grad():
-                force(sparse, full, x, targets)
-                sparse(x)
-            row[f"tokens_{point}"] = computed_tokens(sparse)
-            row[f"{point}_s"] = measure_latency(sparse, x, runs)
+    targets = list(getattr(sparse, "targets", []))
+    forced = {"full": sparse, "op": copy.deepcopy(sparse)}  # the same weights at the two points
+    with autocast(x.device, precision, "--precision"), torch.no_grad():
+        for point, backbone in forced.items():
+            force(backbone, point == "full", x, targets)
+            backbone(x)
+            row[f"tokens_{point}"] = computed_tokens(backbone)
+        # in turns, so a machine's drift during the measurement moves the three alike
+        row["dense_s"], row["full_s"], row["op_s"] = time_calls(
+            [lambda: dense(x), lambda: forced["full"](x), lambda: forced["op"](x)], runs)
     slope = (row["full_s"] - row["op_s"]) / max(row["tokens_full"] - row["tokens_op"], 1)
     fixed = row["op_s"] - slope * row["tokens_op"]
     row["sparse_ms_per_1k"] = slope * 1e6

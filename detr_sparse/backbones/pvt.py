@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from ..transformers.attention import attention
 from .swin import ChunkedMLP
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 from .vit import (load_converted_state, per_image_embedding, resize_pos_embed, token_sizes, valid_tokens,
@@ -65,7 +66,7 @@ class SRAttention(nn.Module):
         """queries (B, Q, C) -> (B, Q, C)."""
         b, q_len, c = queries.shape
         q = self.q(queries).view(b, q_len, self.heads, c // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, *keys_values, attn_mask=key_mask)
+        out = attention(q, *keys_values, key_mask)
         return self.proj(out.transpose(1, 2).reshape(b, q_len, c))
 
     def forward(self, x: Tensor, grid: tuple[int, int], keep: Tensor | None,

@@ -13,6 +13,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.ops.misc import MLP
 
 from ..sparsity.spa import shift_regions
+from ..transformers.attention import attention
 from ..transformers.detr_transformer import apply_in_chunks
 from .levels import LEVEL_NAMES, check_backbone_args, checked_freeze_at
 
@@ -184,13 +185,14 @@ class WindowAttention(ShiftedWindowAttention):
 
     def attend(self, windows: Tensor, bias: Tensor) -> Tensor:
         """windows (W, N, C) of tokens, bias (W or 1, heads, N, N) -> (W, N, C). Through
-        scaled_dot_product_attention: 1.3-2.3x faster on a CPU than the written-out softmax
-        (a shifted Swin-T stage-3 block at 800x1280: 118 -> 51 ms)."""
+        `attention` (fp32: scaled_dot_product_attention, 1.3-2.3x faster on a CPU than
+        torchvision's written-out softmax, a shifted Swin-T stage-3 block at 800x1280: 118 ->
+        51 ms; bf16 on a CPU: the written-out form, 2x faster there)."""
         n, c, heads = windows.shape[1], windows.shape[2], self.num_heads
         qkv = F.linear(windows, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.view(-1, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).expand(len(q), -1, -1, -1),
-                                             dropout_p=self.attention_dropout if self.training else 0.0)
+        out = attention(q, k, v, bias.to(q.dtype).expand(len(q), -1, -1, -1),
+                        self.attention_dropout if self.training else 0.0)
         out = F.linear(out.transpose(1, 2).reshape(-1, n, c), self.proj.weight, self.proj.bias)
         return F.dropout(out, p=self.dropout, training=self.training)
 

@@ -27,6 +27,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..transformers.attention import attention
 from ..transformers.detr_transformer import apply_in_chunks
 from .levels import LEVEL_NAMES, check_backbone_args
 
@@ -122,7 +123,8 @@ def load_converted_state(module: nn.Module, path: str, wanted: set[str],
 class ViTBlock(EncoderBlock):
     """torchvision's ViT encoder block (same parameters and names, so torchvision weights
     load) with stochastic depth on both residual branches. Attention goes straight to
-    scaled_dot_product_attention: nn.MultiheadAttention's inference fast path is invisible
+    `attention` (scaled_dot_product_attention, or its written-out form in bf16 on a CPU with
+    few keys): nn.MultiheadAttention's inference fast path is invisible
     to the FLOP counter. x (B, N, C) -> (B, N, C)."""
 
     def __init__(self, dim: int, heads: int, drop_path: float):
@@ -142,7 +144,7 @@ class ViTBlock(EncoderBlock):
             q = q.view(b, -1, heads, c // heads).transpose(1, 2)
             kv = F.linear(x, attn.in_proj_weight[c:], attn.in_proj_bias[c:])
             k, v = kv.view(b, n, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = attention(q, k, v, key_mask)
         return attn.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], c))
 
     def forward_queries(self, queries: Tensor, x: Tensor, key_mask: Tensor | None = None,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..transformers.attention import attention
 from .tokens import Packing, binary_concrete, block_diagonal_mask, keep_counts, pack_layout, select_top
 
 CONTAINER = 49  # Swin's window of 7 x 7 tokens
@@ -129,7 +130,7 @@ def packed_attention(attn: nn.Module, tokens: Tensor, ids: Tensor, coords: Tenso
     """Attention within containers: tokens (n, L, C), ids (n, L) the group of each slot,
     coords (n, L, 2) -> (n, L, C). `attn` holds a Swin window attention's qkv, proj,
     relative_position_bias_table, num_heads, window_size and dropouts. `backend`: "sdpa"
-    (scaled_dot_product_attention with each container's mask and bias; without gradients
+    (`attention` with each container's mask and bias; without gradients
     the containers go in chunks, so a chunk's query/key/value stay in cache) or "flex"
     (flex_attention over the containers laid end to end, with a block mask)."""
     n, length, c = tokens.shape
@@ -148,8 +149,7 @@ def packed_attention(attn: nn.Module, tokens: Tensor, ids: Tensor, coords: Tenso
         else:
             bias = relative_bias(attn.relative_position_bias_table, coords[i:i + step], window)
             bias = bias.masked_fill(~block_diagonal_mask(ids[i:i + step])[:, None], float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                                 dropout_p=attn.attention_dropout if attn.training else 0.0)
+            out = attention(q, k, v, bias.to(q.dtype), attn.attention_dropout if attn.training else 0.0)
         out = F.linear(out.transpose(1, 2).reshape(len(part), length, c), attn.proj.weight, attn.proj.bias)
         outs.append(F.dropout(out, p=attn.dropout, training=attn.training))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

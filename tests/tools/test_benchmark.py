@@ -141,6 +141,14 @@ def test_gather_component_times_the_token_core_against_torch_gather(capsys):
     assert "torch.gather" in capsys.readouterr().out
 
 
+def test_attention_component_times_both_forms_and_names_the_pick(capsys):
+    rows = benchmark.main(["--component", "attention", "--runs", "1", "--warmup", "0", "--precision", "fp32", "bf16"])
+    assert len(rows) == 8 and all(r["fused_s"] > 0 and r["written_out_s"] > 0 for r in rows)
+    assert [r["picked"] for r in rows if r["precision"] == "bf16"] == ["written-out"] * 3 + ["fused"]
+    assert {r["picked"] for r in rows if r["precision"] == "fp32"} == {"fused"}
+    assert "written / fused" in capsys.readouterr().out
+
+
 def test_each_config_takes_its_own_checkpoint(tmp_path, capsys):
     import pytest
 
@@ -187,3 +195,13 @@ def test_swin_against_timm_or_a_clear_word_without_timm():
         return
     rows = benchmark.main(args)
     assert rows[0]["ours_s"] > 0 and rows[0]["timm_s"] > 0
+
+
+def test_things_timed_in_turns_each_get_their_median():
+    from engine.benchmark import time_calls
+
+    calls = []
+    fast, slow = (lambda: calls.append("fast")), (lambda: (calls.append("slow"), sum(range(200_000))))
+    fast_s, slow_s = time_calls([fast, slow], runs=3, warmup=1)
+    assert calls == ["fast", "slow"] * 4  # one of each per round, the warm-up round first
+    assert 0 < fast_s < slow_s
