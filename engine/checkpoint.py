@@ -224,13 +224,17 @@ def build_eval_model(model_cfg, num_classes: int, checkpoint: str, device,
     dataset's thing / stuff split for a panoptic model; without it (benchmarks without
     data) COCO panoptic's 80 things + 53 stuff classes stand in, a DETR checkpoint bringing
     its own split (a model buffer). A checkpoint of this project's training names its classes
-    (and their split): its count and split are used."""
+    (and their split): unless the config sets model.num_classes, their count and split are
+    used."""
     from detr_sparse import build_model
 
     state = load_checkpoint(checkpoint) if checkpoint else None
     num_classes = model_cfg.num_classes or num_classes
     if state is not None and "classes" in state:  # what the run was trained on
-        num_classes, is_thing = len(state["classes"]["names"]), list(state["classes"]["is_thing"])
+        stored = state["classes"]
+        num_classes = model_cfg.num_classes or len(stored["names"])  # training's rule (Trainer)
+        if is_thing is None and len(stored["is_thing"]) == num_classes:
+            is_thing = list(stored["is_thing"])
     if is_thing is None and (model_cfg.panoptic.enabled or model_cfg.name == "panoptic_fpn"):
         num_classes = COCO_PANOPTIC_THINGS + COCO_PANOPTIC_STUFF
         is_thing = [i < COCO_PANOPTIC_THINGS for i in range(num_classes)]

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets import split_files  # noqa: E402
 from engine.benchmark import parameter_counts  # noqa: E402
 from engine.checkpoint import build_eval_model, list_checkpoints  # noqa: E402
 from engine.config import load_config  # noqa: E402
@@ -99,9 +100,12 @@ def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
 
 
 def first_val_image(data) -> Path | str:
-    """The first image (by name) of a config's val split, or "" (random pixels) without one."""
-    folder = Path(data.val_images or Path(data.root) / data.val_split)
-    images = sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png")) if folder.is_dir() else []
+    """The first image (by name) of a config's val split, or "" (random pixels, said) without one."""
+    folder = Path(split_files(data, "val")[0])
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
+        if folder.is_dir() else []
+    if not images:
+        print(f"no val images in {folder}: timed on random pixels")
     return images[0] if images else ""
 
 
@@ -151,6 +155,8 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-only", action="store_true", help="only the --runs-dir runs (minutes, not the "
                    "COCO configs' 45); OUT's table of the models is kept")
     args = p.parse_args(argv)
+    if args.runs_only and not args.runs_dir:
+        p.error("--runs-only times the runs of --runs-dir: give it")
     reuse_freed_memory()
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)

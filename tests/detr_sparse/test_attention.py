@@ -39,3 +39,15 @@ def test_dropout_reaches_the_attention_weights():
     out = written_out(q, q, torch.ones(1, 1, 6, 4), dropout_p=0.5)
     # each row's weights summed 1 before dropout; dropped and rescaled ones no longer do
     assert not torch.allclose(out, torch.ones_like(out))
+
+
+def test_a_query_without_keys_and_a_mask_of_another_dtype_behave_as_the_fused_kernel():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3, 4, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    torch.testing.assert_close(written_out(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert torch.equal(written_out(q, k, v, mask)[0, 0, 1], torch.zeros(4))
+    bias = torch.randn(3, 3, generator=g)  # fp32 bias, bf16 tensors, no autocast
+    half = written_out(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    torch.testing.assert_close(half.float(), F.scaled_dot_product_attention(q, k, v, attn_mask=bias), atol=3e-2,
+                               rtol=3e-2)

@@ -121,3 +121,9 @@ def test_a_tool_builds_the_trained_runs_classes_from_its_checkpoint(tmp_path):
     # without data a panoptic model would be COCO's 80 + 53 classes; the checkpoint says 3 + 2
     tool = ckpt.build_eval_model(cfg, 91, str(tmp_path / "run.pth"), "cpu")
     assert all(torch.equal(v, tool.state_dict()[k]) for k, v in trained.state_dict().items())
+    # a run that set model.num_classes built that many (the names are the data's): so does the tool
+    wide = load_config(REPO / "configs/detr_r18_synthetic.yaml", ["model.backbone.pretrained=''",
+                                                                   "model.num_classes=10"]).model
+    ckpt.save_checkpoint({"model": ckpt.build_eval_model(wide, 5, "", "cpu").state_dict(),
+                          "classes": {**classes, "is_thing": [True] * 5}}, tmp_path / "wide.pth")
+    assert ckpt.build_eval_model(wide, 91, str(tmp_path / "wide.pth"), "cpu").class_embed.out_features == 11

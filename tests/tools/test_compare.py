@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from helpers import REPO, TINY_MODEL
 from tools import compare
 
@@ -55,3 +57,5 @@ def test_a_trained_run_is_found_with_its_ap50_and_latency(tiny_coco, tmp_path):
     result = compare.main(["--runs-only", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--runs", "1"])
     assert result["models"] == [{"name": "earlier"}] and len(result["synthetic_runs"]) == 1
     assert json.loads((out / "compare.json").read_text()) == result and (out / "compare_synthetic.png").is_file()
+    with pytest.raises(SystemExit):  # --runs-only without runs to time
+        compare.main(["--runs-only", "--out", str(out)])
