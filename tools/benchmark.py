@@ -195,8 +195,8 @@ def train_scaling(args) -> list[dict]:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", help="model configs (not needed with --component)")
-    p.add_argument("--component", choices=list(COMPONENTS), help="time one component instead: attention = the backbones' attention "
-                   "shapes, fused kernel vs written-out, per precision; msda = "
+    p.add_argument("--component", choices=list(COMPONENTS), help="time one component instead: attention = "
+                   "the backbones' attention shapes, fused kernel vs written-out, per precision; msda = "
                    "deformable attention sampling, the device's kernel (CPU: C++; CUDA: Triton) vs grid_sample "
                    "reference, time and peak memory; dge_train = a DGE "
                    "backbone's training step, dense vs sparse form (--dge-backbone); gather = the token "

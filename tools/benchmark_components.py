@@ -1,5 +1,6 @@
 """The components `tools/benchmark.py --component NAME` times on their own (see its --help):
-attention (the backbones' attention shapes, torch's fused kernel vs the written-out form), msda (the deformable sampling kernel against the grid_sample reference), dge_train (a DGE
+attention (the backbones' attention shapes, torch's fused kernel vs the written-out form),
+msda (the deformable sampling kernel against the grid_sample reference), dge_train (a DGE
 backbone's training step, dense vs sparse form), gather (the token core's row gather vs
 torch.gather), spa (SPA's packed attention per selected token vs window attention per token)
 and swin_timm (our Swin-T backbone vs timm's, installed apart). Each takes the parsed
@@ -232,5 +233,5 @@ def attention_component(args) -> list[dict]:
     return rows
 
 
-COMPONENTS = {"attention": attention_component, "msda": msda_component, "dge_train": dge_component, "gather": gather_component,
-              "spa": spa_component, "swin_timm": swin_timm_component}
+COMPONENTS = {"attention": attention_component, "msda": msda_component, "dge_train": dge_component,
+              "gather": gather_component, "spa": spa_component, "swin_timm": swin_timm_component}

@@ -19,9 +19,10 @@ def written_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dro
     kernel keeps them in fp32: its error against fp32 is about 1.5x the fused kernel's."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+        bool_mask = mask.dtype == torch.bool
+        scores = scores.masked_fill(~mask, float("-inf")) if bool_mask else scores + mask.to(scores.dtype)
     probs = scores.softmax(-1)
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None and bool_mask:
         probs = probs.nan_to_num(0.0)  # a query with no key: zeros, as the fused kernel gives
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
