@@ -306,7 +306,10 @@ class ViTBackbone(nn.Module):
                 outside = ~keep.view(b, 1, *grid)
                 level = x.masked_fill(outside, float("-inf") if isinstance(self.rescale[n], nn.MaxPool2d) else 0.0)
             # cropped before the 3x3 convolution, which then zero-pads at the image border
-            level = self.project[n][0](self.rescale[n](level)[..., : size[0], : size[1]])
+            level = self.rescale[n](level)[..., : size[0], : size[1]]
+            if keep is not None:  # a max-pooled cell all padding is -inf: 0, or the 1x1's weight gradient is NaN
+                level = level.masked_fill(level == float("-inf"), 0.0)
+            level = self.project[n][0](level)
             mask = valid_tokens(size, token_sizes(sizes, stride), x.device)
             if mask is not None:  # and at each image's border in a padded batch
                 level = torch.where(mask.view(b, 1, *size), level, 0.0)

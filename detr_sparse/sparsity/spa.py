@@ -243,7 +243,7 @@ def spa_attention(block: nn.Module, x: Tensor, normed: Tensor, score: Tensor, pi
     drop = sample_drop(block.stochastic_depth.p, x.shape[0], block.training, x.device)
     if drop is not None:
         out = out * drop[packing.images, None]
-    return x.reshape(-1, c).index_add(0, rows, out).view_as(x)
+    return x.reshape(-1, c).index_add(0, rows, out.to(x.dtype)).view_as(x)  # bf16 training: drop is fp32
 
 
 def spa_block(block: nn.Module, x: Tensor, normed: Tensor, score: Tensor, picked: Tensor, packing: Packing,

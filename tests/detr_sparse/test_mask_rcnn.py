@@ -245,6 +245,20 @@ def test_an_svit_adapter_backbone_trains_with_its_ratio_loss_and_predicts_each_i
     assert usage.shape[0] == 2 and (usage[1] == -1).any()  # the second image is padded in the batch
 
 
+@pytest.mark.parametrize("backbone", ["pvt_t_dge", "deit_t_dge", "deit_mini_adapter_svit", "deit_t_svit", "spt_mini"])
+def test_a_bf16_training_step_on_each_sparse_backbone_is_finite(backbone):
+    from engine.train import autocast
+
+    model = _model(f"model.backbone.name={backbone}", "model.backbone.drop_path_rate=0.1").train()
+    images, targets = _padded_batch()
+    with autocast(torch.device("cpu"), "bf16"):
+        losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_under_bf16_autocast_anchors_and_box_decoding_stay_fp32():
     from engine.train import autocast
 
