@@ -50,6 +50,7 @@ class SPTConfig:
     # each image in containers of its own in evaluation (results independent of the batch),
     # images end to end in training (the paper's packing)
     align_images_eval: bool = True
+    gate_per: str = "block"  # block | stage: a gate in every SPA block, or one per SPA stage (its first block)
 
 
 @dataclass

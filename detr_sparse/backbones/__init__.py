@@ -20,7 +20,8 @@ def build_backbone(cfg, out_features: tuple[str, ...]):
         t = cfg.spt
         return SPTBackbone(cfg.name, out_features, cfg.pretrained, cfg.freeze_at, cfg.drop_path_rate,
                            select_weight=t.select_weight, threshold=t.threshold, tau=t.tau, region_mask=t.region_mask,
-                           label_from=t.label_from, attention=t.attention, align_images_eval=t.align_images_eval)
+                           label_from=t.label_from, attention=t.attention, align_images_eval=t.align_images_eval,
+                           gate_per=t.gate_per)
     if cfg.name.startswith("swin"):
         # norm and channels_last are ResNet settings and are ignored; dilation would change
         # the strides the rest of the model was configured for, so it is refused

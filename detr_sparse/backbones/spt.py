@@ -9,7 +9,9 @@ last FFN layer zero), continuing the stage's shift alternation, and the drop-pat
 is laid over the new depth.
 
 A gate on the stage-2 output gives the first score; every SPA block's score is the max of
-its own gate's (on its normalised tokens) and the previous scale's, max-pooled. Training
+its own gate's (on its normalised tokens) and the previous scale's, max-pooled. With
+`gate_per="stage"` (the paper is read either way) only each SPA stage's first block has a
+gate, and the stage's other blocks keep its selection. Training
 returns the selection loss against the union of the ground-truth boxes; each image's padding
 is never selected, never a key (in the plain stages too: a window's keys are the image's
 tokens only), and outputs inside an image do not depend on the rest of the batch.
@@ -47,13 +49,15 @@ class SPTBackbone(SwinBackbone):
     def __init__(self, name: str = "spt_t", out_features=("res2", "res3", "res4", "res5"), pretrained: str = "",
                  freeze_at: int = -1, drop_path_rate: float = 0.2, *, select_weight: float = 0.01,
                  threshold: float = 0.01, tau: float = 1.0, region_mask: bool = True, label_from: str = "boxes",
-                 attention: str = "sdpa", align_images_eval: bool = True):
+                 attention: str = "sdpa", align_images_eval: bool = True, gate_per: str = "block"):
         if name not in SPT_MODELS:
             raise ValueError(f"model.backbone.name: unknown SPT '{name}' (one of {sorted(SPT_MODELS)})")
         if label_from not in ("boxes", "masks"):
             raise ValueError(f"model.backbone.spt.label_from: '{label_from}' is not boxes or masks")
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"model.backbone.spt.attention: '{attention}' is not sdpa or flex")
+        if gate_per not in ("block", "stage"):
+            raise ValueError(f"model.backbone.spt.gate_per: '{gate_per}' is not block or stage")
         swin, extra = SPT_MODELS[name]
         super().__init__(swin, out_features, "", -1, drop_path_rate)
         if len(self.features) < 2 * SPA_STAGES[0] + 2:
@@ -67,9 +71,10 @@ class SPTBackbone(SwinBackbone):
         for i, block in enumerate(blocks):  # the schedule over the new depth
             block.stochastic_depth.p = drop_path_rate * i / max(len(blocks) - 1, 1)
         self.gate0 = SPAGate(self.features[3][0].norm1.normalized_shape[0])
-        for stage in SPA_STAGES:
+        self.gate_per = gate_per
+        for stage in SPA_STAGES:  # a gate in every SPA block, or in each SPA stage's first only
             if 2 * stage + 1 < len(self.features):
-                for block in self.features[2 * stage + 1]:
+                for block in self.features[2 * stage + 1][: 1 if gate_per == "stage" else None]:
                     block.gate = SPAGate(block.norm1.normalized_shape[0])
         self.select_weight, self.threshold, self.tau = select_weight, threshold, tau
         self.region_mask, self.from_masks, self.align_images_eval = region_mask, label_from == "masks", align_images_eval
@@ -142,9 +147,13 @@ class SPTBackbone(SwinBackbone):
             if shift not in layouts:
                 layouts[shift] = stage_layout(tokens, x.shape[2], block.attn.window_size[0], shift, x.device)
             normed = block.norm1(x)
-            score = torch.maximum(block.gate(normed), s_up)
-            picked = select(score, valid, self.training, self.threshold, self.tau, self.forced)
-            packing = packing_of(picked, layouts[shift], self.region_mask, align)
+            if hasattr(block, "gate"):  # else (gate_per stage) the stage's first block's selection holds
+                score = torch.maximum(block.gate(normed), s_up)
+                picked = select(score, valid, self.training, self.threshold, self.tau, self.forced)
+                packings = {}
+            if shift not in packings:
+                packings[shift] = packing_of(picked, layouts[shift], self.region_mask, align)
+            packing = packings[shift]
             x = spa_block(block, x, normed, score, picked, packing, layouts[shift], self.attention)
             self.record.append((index, score, picked))
         return x, score
@@ -158,7 +167,7 @@ class SPTBackbone(SwinBackbone):
     def selection_terms(self, targets: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
         """The last pass's summed BCE terms (the stage-2 gate's and every SPA block's) against
         the targets' labels, and the selection statistics."""
-        labels, loss = {}, 0.0
+        labels, loss, scored = {}, 0.0, set()
         inside = 0.0  # selected inside the union, inside, selected outside, outside
         shares: dict[int, list[Tensor]] = {}
         for stage, score, picked in self.record:
@@ -167,8 +176,9 @@ class SPTBackbone(SwinBackbone):
             if targets and stage not in labels:
                 labels[stage] = selection_labels(targets, tuple(score.shape[1:]), _PATCH * 2 ** stage,
                                                  self.from_masks).to(score.device) * region
-            if targets:
+            if targets and id(score) not in scored:  # a gate's score once (gate_per stage: its blocks share it)
                 loss = loss + selection_loss(score, labels[stage], valid)
+                scored.add(id(score))
             if picked is None:  # the stage-2 gate only scores
                 continue
             picked = picked.detach()
@@ -224,13 +234,18 @@ class SPTBackbone(SwinBackbone):
 
 
 def _identity_block(dim: int, like: nn.Module, shift: bool) -> nn.Module:
-    """A new Swin block like `like` that starts as the identity (zero residual outputs)."""
+    """A new Swin block like `like` with Swin's initialisation (linear weights truncated
+    normal, std 0.02, biases 0) that starts as the identity (zero residual outputs)."""
     window = like.attn.window_size
     block = SwinTransformerBlock(dim, like.attn.num_heads, window_size=list(window),
                                  shift_size=[w // 2 if shift else 0 for w in window],
                                  norm_layer=partial(nn.LayerNorm, eps=1e-5))
     block.mlp = ChunkedMLP.from_torchvision(block.mlp)
     block.attn = WindowAttention.from_torchvision(block.attn)
+    for layer in block.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
     for layer in (block.attn.proj, block.mlp[3]):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)

@@ -39,6 +39,31 @@ def test_every_token_selected_and_images_packed_apart_is_swin_and_extra_blocks_s
     assert all(bool(p.all()) for _, _, p in spt.record if p is not None)
 
 
+def test_extra_blocks_get_swins_initialisation_with_zero_residual_outputs(mini16):
+    torch.manual_seed(0)
+    extra = SPTBackbone(mini16).features[5][4]
+    assert abs(float(extra.attn.qkv.weight.std()) - 0.02) < 0.003 and not extra.attn.qkv.bias.any()
+    assert abs(float(extra.mlp[0].weight.std()) - 0.02) < 0.003
+    assert not extra.attn.proj.weight.any() and not extra.mlp[3].weight.any()
+
+
+def test_one_gate_per_stage_selects_once_for_all_its_blocks():
+    torch.manual_seed(0)
+    spt = SPTBackbone("spt_mini", drop_path_rate=0.0, gate_per="stage").train()
+    gated = [[hasattr(b, "gate") for b in spt.features[s]] for s in (5, 7)]
+    assert gated == [[True, False, False, False], [True, False]]
+    targets = [{"boxes": torch.tensor([[20.0, 30.0, 120.0, 100.0]])}]
+    maps, stats = spt.forward_with_losses(torch.randn(1, 3, 160, 192), targets)
+    for stage in (2, 3):  # one relaxed sample per stage: every block of it used the same selection
+        picks = [p for s, _, p in spt.record if s == stage]
+        assert len(picks) == len(spt.features[2 * stage + 1]) and all(p is picks[0] for p in picks)
+    assert len({id(score) for _, score, _ in spt.record}) == 3  # the loss's terms: gate 0 and the two stages'
+    (stats["loss_select"] + sum(m.square().mean() for m in maps.values())).backward()
+    assert spt.features[5][0].gate.weight.grad.abs().sum() > 0 and spt.features[7][0].gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate_per: 'layer' is not block or stage"):
+        SPTBackbone("spt_mini", gate_per="layer")
+
+
 def _pair_batch():
     torch.manual_seed(1)
     spt = SPTBackbone("spt_mini", drop_path_rate=0.0).eval()
