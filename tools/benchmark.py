@@ -14,10 +14,13 @@
         --size 800 1280 --spt-select 0.25    # SPT with a quarter of the tokens selected in every SPA block
     python tools/benchmark.py --config out/dense/config.yaml out/dge/config.yaml \
         --checkpoint out/dense/checkpoint.pth out/dge/checkpoint.pth --image val.jpg   # one each
+    python tools/benchmark.py --config out/dge/config.yaml --checkpoint out/dge/checkpoint.pth \
+        --val-images 50    # + GFLOPs averaged over 50 val images at the evaluation size
     python tools/benchmark.py --component dge_train --dge-backbone pvt_t_dge --size 144 144 --batch 4
     python tools/benchmark.py --component gather    # the token core's row gather vs torch.gather
     python tools/benchmark.py --component spa --size 800 1280   # SPA's packed attention vs windows
-    python tools/benchmark.py --component swin_timm --size 800 1066   # our Swin-T vs timm's (installed apart)
+    python tools/benchmark.py --component swin_timm --size 800 1068   # our Swin-T vs timm's (installed apart)
+    python tools/benchmark.py --component attention --precision fp32 bf16  # fused vs written-out attention
 
 With several configs, ratios against the first one are printed too (same process, same input);
 with --precision fp32 bf16, a row for each (bf16: autocast, the matmuls on AMX where the CPU
@@ -63,6 +66,30 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
     return ImageBatch.from_images([pixels] * batch).to(device)
 
 
+def val_flops(model, cfg, count: int, device) -> dict:
+    """GFLOPs of the whole model and of its backbone, averaged over the first `count` images
+    (by name) of the config's val split, each through the evaluation transform: a sparse
+    backbone's cost at its own (trained or forced) choices on real images."""
+    from datasets import split_files
+    from datasets.coco import read_image
+    from datasets.transforms import build_transforms
+
+    folder = Path(split_files(cfg.data, "val")[0])
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count] \
+        if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"--val-images: no images in {folder} (data.root / data.val_images)")
+    transform = build_transforms(False, cfg.data)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for path in paths:
+        pixels = transform(read_image(str(path))).as_subclass(torch.Tensor)
+        flops = count_flops(model, ImageBatch.from_images([pixels]).to(device), getattr(model, "parts", None))
+        totals += torch.tensor([flops.total, flops.by_part.get("backbone", 0.0)], dtype=torch.float64)
+    mean = totals / len(paths)
+    return {"val_images": len(paths), "val_gflops": round(float(mean[0]), 6),
+            "val_backbone_gflops": round(float(mean[1]), 6)}
+
+
 def operating_point(backbone, args, inputs: ImageBatch) -> dict:
     """Force a DGE backbone's routers (--dge-budget / --dge-shares), an SViT backbone's
     gates (--svit-targets) or an SPT's selections (--spt-select); its realised cost share,
@@ -99,6 +126,7 @@ def measure(cfg_path: str, args, checkpoint: str = "") -> list[dict]:
     backbone = getattr(model, "backbone", None)
     sparse = operating_point(backbone, args, inputs) if backbone is not None else {}
     flops = count_flops(model, inputs, getattr(model, "parts", None))
+    on_val = val_flops(model, cfg, args.val_images, device) if getattr(args, "val_images", 0) else {}
     # the deformable attention's sampling, counted by its operator's formula (the reference
     # tables' counter leaves grid_sample out, so totals minus this compare with them)
     sampling = sum(v for op, v in flops.by_op.items() if op.startswith("detr_sparse.msda"))
@@ -115,7 +143,7 @@ def measure(cfg_path: str, args, checkpoint: str = "") -> list[dict]:
                      "gflops_by_part": {k: round(v, 6) for k, v in flops.by_part.items()},
                      "latency_s": round(latency, 4), "backbone_latency_s": round(backbone_latency, 4),
                      "peak_mem_mb": round(mem["mb"], 1), "threads": torch.get_num_threads(),
-                     "device": str(device), **sparse})
+                     "device": str(device), **sparse, **on_val})
     return rows
 
 
@@ -141,6 +169,10 @@ def print_table(rows: list[dict]) -> None:
                  ratio(r, "gflops"), ratio(r, "latency_s"), ratio(r, None, "backbone"),
                  ratio(r, "backbone_latency_s"), next((f"{r[k]:.3f}" for k in SHARES if k in r), "-")]
         print(" | ".join(cells))
+    for r in rows[:: len({r["precision"] for r in rows})]:
+        if "val_gflops" in r:
+            print(f"{Path(r['config']).stem}: {r['val_gflops']:.2f} GFLOPs, backbone {r['val_backbone_gflops']:.2f}, "
+                  f"the mean over {r['val_images']} val images at the evaluation size")
 
 
 def train_worker(args) -> None:
@@ -219,6 +251,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--spt-select", type=float, default=0.0, help="SPT backbones: every SPA block selects this "
                    "share of the tokens, the best by score (for random weights; default: the gates' own choices)")
     p.add_argument("--num-classes", type=int, default=91, help="when the config leaves it to the data")
+    p.add_argument("--val-images", type=int, default=0, help="also GFLOPs (whole and backbone) averaged over the "
+                   "first N images of the config's val split at the evaluation size (a sparse backbone at its "
+                   "trained gates with --checkpoint)")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
                    help="forward passes in each of these (autocast; default: the config's eval.precision); "
                         "a row each, ratios against the first row; --component msda: the sampling's inputs "

@@ -205,3 +205,18 @@ def test_things_timed_in_turns_each_get_their_median():
     fast_s, slow_s = time_calls([fast, slow], runs=3, warmup=1)
     assert calls == ["fast", "slow"] * 4  # one of each per round, the warm-up round first
     assert 0 < fast_s < slow_s
+
+
+def test_gflops_averaged_over_val_images_at_the_evaluation_size(tiny_coco, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    from omegaconf import OmegaConf
+
+    from engine.config import load_config
+
+    OmegaConf.save(load_config(None, tiny_overrides(tiny_coco, tmp_path / "out")), config)
+    rows = benchmark.main(["--config", str(config), "--size", "64", "96", "--runs", "1", "--warmup", "0",
+                           "--val-images", "2", "--num-classes", "8"])
+    row = rows[0]
+    assert row["val_images"] == 2 and 0 < row["val_backbone_gflops"] < row["val_gflops"]
+    assert row["val_gflops"] != row["gflops"]  # 80-pixel val images, not the 64 x 96 input
+    assert "the mean over 2 val images" in capsys.readouterr().out
