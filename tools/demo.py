@@ -15,7 +15,7 @@ what it finds into OUT:
         [--annotations instances.json] [--every 10] [--opts k=v ...]
 
 NAME: the image's name (its path under a folder, which is searched recursively); a video's
-frames are NAME_<frame>, every --every frame (decoded with PyAV, which must be installed)."""
+frames are NAME_<frame>, every --every frame (decoded with PyAV, in requirements.txt)."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -62,22 +63,26 @@ def test_a_panoptic_model_writes_its_segments(tiny_coco, tmp_path):
     assert Image.open(tmp_path / "demo" / record["picture"]).size[0] > 2 * record["width"]  # detections | segments
 
 
-def test_video_frames_are_predicted_and_without_pyav_a_one_line_error(tiny_coco, tmp_path, monkeypatch):
-    image = sorted((tiny_coco / "val2017").iterdir())[0]
+def test_video_frames_are_decoded_and_predicted_and_without_pyav_a_one_line_error(tiny_coco, tmp_path, monkeypatch):
+    import av
+
+    image = Image.open(sorted((tiny_coco / "val2017").iterdir())[0]).convert("RGB").resize((80, 64))
     opts = tiny_overrides(tiny_coco, tmp_path)
     video = tmp_path / "clip.mp4"
-    video.write_bytes(b"")
-    frames = [Image.open(image).convert("RGB")] * 3
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit, match=r"^error: --input .*clip.mp4 is a video: reading it needs PyAV"):
-            _run(tmp_path, REPO / "configs/detr_r50.yaml", "", video, *opts)
-    # the decoding replaced (PyAV is not installed here): every --every frame, named by its index
-    monkeypatch.setattr(demo, "video_frames", lambda path, every: ((i, f) for i, f in enumerate(frames) if i % every == 0))
+    with av.open(str(video), "w") as container:  # 5 frames of MPEG-4
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 80, 64, "yuv420p"
+        for _ in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
     records = demo.main(["--config", str(REPO / "configs/detr_r50.yaml"), "--input", str(video), "--every", "2",
                          "--out", str(tmp_path / "demo"), "--opts", *opts])
-    assert [(r["frame"], r["picture"]) for r in records] == [(0, "clip_000000.png"), (2, "clip_000002.png")]
+    assert [(r["frame"], r["picture"]) for r in records] == [
+        (0, "clip_000000.png"), (2, "clip_000002.png"), (4, "clip_000004.png")]
+    assert (records[0]["height"], records[0]["width"]) == (64, 80) and (tmp_path / "demo" / "clip_000004.png").is_file()
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV missing: one line
+    with pytest.raises(SystemExit, match=r"^error: --input .*clip.mp4 is a video: reading it needs PyAV"):
+        _run(tmp_path, REPO / "configs/detr_r50.yaml", "", video, *opts)
     with pytest.raises(SystemExit, match="no such file or folder"):
         _run(tmp_path, REPO / "configs/detr_r50.yaml", "", tmp_path / "missing.jpg", *opts)
     assert demo.as_uint8(torch.ones(3, 4, 4)).max() == 255  # a [0, 1] float tensor input is drawn too
