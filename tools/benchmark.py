@@ -47,7 +47,7 @@ from engine.config import load_config  # noqa: E402
 from engine.distributed import resolve_device  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
 from engine.train import autocast  # noqa: E402
-from tools.benchmark_components import COMPONENTS  # noqa: E402
+from tools._benchmark_components import COMPONENTS  # noqa: E402
 
 
 def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBatch:
