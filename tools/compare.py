@@ -121,6 +121,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(f"| {line} |" for line in lines) + "\n"
 
 
+# long config-name prefixes and their plot labels (the markers already say the family)
+SHORT = (("mask_rcnn_", "MR "), ("panoptic_fpn_", "PFPN "), ("deformable_detr", "DDETR"), ("sparse_detr", "SDETR"),
+         ("pnp_detr", "PnP"), ("_synthetic", ""), ("_adapter", "+A"))
+
+
+def short(name: str) -> str:
+    """A plot label: `mask_rcnn_deit_s_adapter_svit` -> `MR deit_s+A_svit`."""
+    for long, brief in SHORT:
+        name = name.replace(long, brief)
+    return name
+
+
 def plot(points: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: str, label: str) -> None:
     import matplotlib
 
@@ -133,7 +145,7 @@ def plot(points: list[dict], x: str, y: str, path: Path, xlabel: str, ylabel: st
         if mine:
             ax.scatter([p[x] for p in mine], [p[y] for p in mine], marker=marker, s=60, label=fam)
             for p in mine:
-                ax.annotate(p[label], (p[x], p[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(short(p[label]), (p[x], p[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
