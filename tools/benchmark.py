@@ -66,19 +66,26 @@ def make_input(size: tuple[int, int], batch: int, image: str, device) -> ImageBa
     return ImageBatch.from_images([pixels] * batch).to(device)
 
 
+def val_image_paths(data_cfg, count: int) -> list[Path]:
+    """The first `count` images (by name) of a config's val split; [] without any."""
+    from datasets import split_files
+
+    folder = Path(split_files(data_cfg, "val")[0])
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+
+
 def val_flops(model, cfg, count: int, device) -> dict:
     """GFLOPs of the whole model and of its backbone, averaged over the first `count` images
     (by name) of the config's val split, each through the evaluation transform: a sparse
     backbone's cost at its own (trained or forced) choices on real images."""
-    from datasets import split_files
     from datasets.coco import read_image
     from datasets.transforms import build_transforms
 
-    folder = Path(split_files(cfg.data, "val")[0])
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count] \
-        if folder.is_dir() else []
+    paths = val_image_paths(cfg.data, count)
     if not paths:
-        raise FileNotFoundError(f"--val-images: no images in {folder} (data.root / data.val_images)")
+        raise FileNotFoundError("--val-images: no images in the val split (data.root / data.val_images)")
     transform = build_transforms(False, cfg.data)
     totals = torch.zeros(2, dtype=torch.float64)
     for path in paths:

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import split_files  # noqa: E402
 from engine.benchmark import parameter_counts  # noqa: E402
 from engine.checkpoint import build_eval_model, list_checkpoints  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.memory import reuse_freed_memory  # noqa: E402
-from tools.benchmark import measure  # noqa: E402
+from tools.benchmark import measure, val_image_paths  # noqa: E402
+from tools.plot_logs import read_log  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_STAGE = ("mask_rcnn", "panoptic_fpn")
@@ -78,7 +78,7 @@ def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
         if not log.is_file() or not checkpoints:
             continue
         checkpoint = checkpoints[0]
-        evals = [r for r in map(json.loads, log.read_text().splitlines()) if "bbox_AP50" in r]
+        evals = [r for r in read_log(log) if "bbox_AP50" in r]  # a line cut short by a killed run skipped
         if not evals:
             continue
         cfg = load_config(cfg_path)
@@ -101,11 +101,9 @@ def synthetic_runs(runs_dir: Path, runs: int, precision: str) -> list[dict]:
 
 def first_val_image(data) -> Path | str:
     """The first image (by name) of a config's val split, or "" (random pixels, said) without one."""
-    folder = Path(split_files(data, "val")[0])
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
-        if folder.is_dir() else []
+    images = val_image_paths(data, 1)
     if not images:
-        print(f"no val images in {folder}: timed on random pixels")
+        print("no val images in the run's val split: timed on random pixels")
     return images[0] if images else ""
 
 

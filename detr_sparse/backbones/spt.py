@@ -71,7 +71,6 @@ class SPTBackbone(SwinBackbone):
         for i, block in enumerate(blocks):  # the schedule over the new depth
             block.stochastic_depth.p = drop_path_rate * i / max(len(blocks) - 1, 1)
         self.gate0 = SPAGate(self.features[3][0].norm1.normalized_shape[0])
-        self.gate_per = gate_per
         for stage in SPA_STAGES:  # a gate in every SPA block, or in each SPA stage's first only
             if 2 * stage + 1 < len(self.features):
                 for block in self.features[2 * stage + 1][: 1 if gate_per == "stage" else None]:
